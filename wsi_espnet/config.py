@@ -1,0 +1,142 @@
+"""One settings object for a segmentation run: defaults < YAML file (``--config``) < command line.
+
+The YAML file uses the command-line option names (``batch-size`` or ``batch_size`` both work), so
+a user can move any option from a command into a file without translating it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from wsi_espnet.errors import ConfigError
+from wsi_espnet.tissue import TissueSettings
+
+EXPORT_FORMATS = ("geojson", "ometiff", "png", "html")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """Every parameter of ``wsi-espnet segment``; recorded verbatim in each slide's run.json."""
+
+    model: str = "breast-tissue-espnet"
+    mpp: float | None = None  # analysis resolution; None → the model card's
+    slide_mpp: float | None = None  # override for slides whose files carry no resolution
+    tile: int = 512  # output chunk edge at analysis resolution
+    halo: int = 96  # context read around each tile (see README: seam agreement)
+    batch_size: int = 4
+    device: str = "auto"
+    workers: int = 1  # LocalCluster worker processes; 0 = in-process (debugging)
+    threads: int = 2  # threads per worker: one reads tiles while another runs the model
+    tissue_detection: bool = True
+    tissue: TissueSettings = field(default_factory=TissueSettings)
+    overwrite: bool = False
+    quiet: bool = False
+    zarr_format: int = 2
+    formats: tuple[str, ...] = EXPORT_FORMATS
+    geojson_per_region: bool = False
+    geojson_min_area_um2: float = 200.0
+    chunks_per_task: int = 16  # chunks per Dask task: the unit of progress, retries and resume
+    retries: int = 2  # Dask retries of a task whose worker died
+    cluster: str | None = None  # cluster profile name or YAML path; None → LocalCluster
+    jobs: int | None = None
+    adapt: tuple[int, int] | None = None
+    scheduler: str | None = None  # address of a running Dask scheduler
+    performance_report: Path | None = None
+
+    def validate(self) -> SegmentSettings:
+        """Reject values that would silently produce wrong or seamed results."""
+        if self.tile <= 0 or self.tile % 8:
+            raise ConfigError(f"--tile must be a positive multiple of 8, got {self.tile}")
+        if self.halo < 0 or self.halo % 8:
+            # Windows must start on the network's stride-8 grid, or tiles and seams disagree.
+            raise ConfigError(f"--halo must be a non-negative multiple of 8, got {self.halo}")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.mpp is not None and self.mpp <= 0:
+            raise ConfigError(f"--mpp must be positive, got {self.mpp}")
+        if self.slide_mpp is not None and self.slide_mpp <= 0:
+            raise ConfigError(f"--slide-mpp must be positive, got {self.slide_mpp}")
+        if self.zarr_format not in (2, 3):
+            raise ConfigError(f"--zarr-format must be 2 or 3, got {self.zarr_format}")
+        unknown = set(self.formats) - set(EXPORT_FORMATS)
+        if unknown:
+            raise ConfigError(
+                f"unknown export format(s) {sorted(unknown)}; known: {', '.join(EXPORT_FORMATS)}"
+            )
+        if self.workers < 0 or self.threads < 1:
+            raise ConfigError("--workers must be >= 0 and --threads >= 1")
+        return self
+
+    def as_record(self) -> dict[str, Any]:
+        """JSON-able dict of every parameter (for run.json)."""
+        record = asdict(self)
+        record["performance_report"] = str(self.performance_report) if self.performance_report else None
+        record["formats"] = list(self.formats)
+        return record
+
+
+_FIELDS = {f.name for f in fields(SegmentSettings)}
+
+
+def _normalise_keys(raw: dict[str, Any], source: Path | str) -> dict[str, Any]:
+    out = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(_FIELDS))})", source)
+        out[name] = value
+    return out
+
+
+def _coerce(values: dict[str, Any], source: Path | str) -> dict[str, Any]:
+    """Turn YAML/CLI scalars into the dataclass's types (tuples, nested tissue settings)."""
+    out = dict(values)
+    if "tissue" in out and isinstance(out["tissue"], dict):
+        try:
+            out["tissue"] = TissueSettings(**out["tissue"])
+        except TypeError as exc:
+            raise ConfigError(f"invalid 'tissue' settings: {exc}", source) from exc
+    if "formats" in out and isinstance(out["formats"], str):
+        out["formats"] = tuple(f.strip() for f in out["formats"].split(",") if f.strip())
+    elif "formats" in out:
+        out["formats"] = tuple(out["formats"])
+    if "adapt" in out and isinstance(out["adapt"], str):
+        out["adapt"] = parse_adapt(out["adapt"])
+    if out.get("performance_report") is not None:
+        out["performance_report"] = Path(out["performance_report"])
+    return out
+
+
+def parse_adapt(text: str) -> tuple[int, int]:
+    """``"MIN:MAX"`` → (MIN, MAX) jobs for adaptive scaling."""
+    try:
+        lo, hi = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ConfigError(f"--adapt expects MIN:MAX (e.g. 1:8), got {text!r}") from None
+    if not 0 <= lo <= hi:
+        raise ConfigError(f"--adapt needs 0 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> SegmentSettings:
+    """Merge defaults, the YAML file and the command line's explicitly given options."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            raw = yaml.safe_load(Path(config_file).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc.strerror}", config_file) from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", config_file) from exc
+        if not isinstance(raw, dict):
+            raise ConfigError("config file must be a YAML mapping of option: value", config_file)
+        values.update(_coerce(_normalise_keys(raw, config_file), config_file))
+    values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "command line"))
+    try:
+        return replace(SegmentSettings(), **values).validate()
+    except TypeError as exc:
+        raise ConfigError(f"invalid settings: {exc}", config_file) from exc

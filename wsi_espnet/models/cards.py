@@ -1,0 +1,268 @@
+"""Model cards: YAML files that fully describe a usable tissue model.
+
+A card names the architecture and its parameters, the class table (value, name, RGB colour),
+the analysis resolution in µm/px, the input normalisation and the weights file with its sha256.
+The pipeline, the exports and the training loop all read the same card, so a model trained with
+``wsi-espnet train`` is usable by ``wsi-espnet segment --model CARD.yaml`` with nothing else.
+
+Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is verified;
+cards are parsed with ``yaml.safe_load``: nothing in a card or checkpoint is ever executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from wsi_espnet.errors import ModelCardError
+from wsi_espnet.models import create_model
+from wsi_espnet.resources import config_dir
+
+DEFAULT_MODEL = "breast-tissue-espnet"
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """One output class: its label value, a machine-friendly name and an RGB display colour."""
+
+    value: int
+    name: str
+    color: tuple[int, int, int]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"value": self.value, "name": self.name, "color": list(self.color)}
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """``x = (pixel / scale - mean) / std`` per channel, after reordering to ``channel_order``."""
+
+    channel_order: str = "RGB"
+    scale: float = 255.0
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    def apply(self, tiles: torch.Tensor) -> torch.Tensor:
+        """uint8 NHWC RGB tiles → float32 NCHW network input (on the tiles' device)."""
+        x = tiles.permute(0, 3, 1, 2).float()
+        if self.channel_order == "BGR":
+            x = x.flip(1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x / self.scale - mean) / std
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A parsed, validated model card. ``path`` is the YAML file it came from."""
+
+    name: str
+    path: Path
+    architecture: dict[str, Any]
+    classes: tuple[ClassInfo, ...]
+    mpp: float
+    normalisation: Normalisation
+    weights_file: Path | None
+    weights_sha256: str | None
+    trained: bool
+    description: str = ""
+    tile_multiple: int = 8
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def weights_present(self) -> bool:
+        return self.weights_file is not None and self.weights_file.is_file()
+
+    @cached_property
+    def n_parameters(self) -> int:
+        return sum(p.numel() for p in create_model(**self.architecture).parameters())
+
+    def class_table(self) -> list[dict[str, Any]]:
+        return [c.as_dict() for c in self.classes]
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        """Verify the weights file against the card's sha256, then load it safely."""
+        if self.weights_file is None:
+            raise ModelCardError("the card names no weights file", self.path)
+        if not self.weights_file.is_file():
+            raise ModelCardError(f"weights file not found: {self.weights_file}", self.path)
+        digest = sha256_file(self.weights_file)
+        if self.weights_sha256 and digest != self.weights_sha256:
+            raise ModelCardError(
+                f"sha256 of {self.weights_file.name} is {digest[:16]}…, the card expects "
+                f"{self.weights_sha256[:16]}… (corrupt or replaced weights)",
+                self.path,
+            )
+        try:
+            state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise ModelCardError(f"cannot load weights {self.weights_file.name}: {exc}", self.path) from exc
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ModelCardError(f"{self.weights_file.name} is not a state_dict", self.path)
+        return state
+
+    def build_model(self, load_weights: bool = True) -> nn.Module:
+        """The network in eval mode, with verified weights unless ``load_weights`` is False."""
+        model = create_model(**self.architecture)
+        if load_weights:
+            state = self.load_state_dict()
+            try:
+                model.load_state_dict(state, strict=True)
+            except RuntimeError as exc:
+                first = str(exc).splitlines()[0]
+                raise ModelCardError(
+                    f"weights {self.weights_file.name} do not fit the card's architecture "
+                    f"({self.n_classes} classes, {self.architecture}): {first}",
+                    self.path,
+                ) from exc
+        return model.eval()
+
+
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(block):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _require(raw: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in raw:
+        raise ModelCardError(f"model card is missing the '{key}' field", path)
+    return raw[key]
+
+
+def _parse_classes(raw: list[Any], path: Path) -> tuple[ClassInfo, ...]:
+    classes = []
+    for i, item in enumerate(raw):
+        try:
+            color = tuple(int(c) for c in item["color"])
+            info = ClassInfo(int(item["value"]), str(item["name"]), color)  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelCardError(f"class #{i} needs value, name and color [r, g, b] ({exc})", path) from exc
+        if len(info.color) != 3 or not all(0 <= c <= 255 for c in info.color):
+            raise ModelCardError(f"class '{info.name}' color must be three integers 0..255", path)
+        classes.append(info)
+    if [c.value for c in classes] != list(range(len(classes))):
+        raise ModelCardError("class values must be 0, 1, ..., N-1 in order", path)
+    return tuple(classes)
+
+
+def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
+    """Validate a card's fields and resolve its weights path relative to the card file."""
+    if not isinstance(raw, dict):
+        raise ModelCardError("not a model card (expected a YAML mapping)", path)
+    architecture = dict(_require(raw, "architecture", path))
+    classes = _parse_classes(_require(raw, "classes", path), path)
+    if architecture.get("classes") != len(classes):
+        raise ModelCardError(
+            f"wrong class count: architecture has {architecture.get('classes')} classes, "
+            f"the class table {len(classes)}",
+            path,
+        )
+    try:
+        create_model(**architecture)
+    except (TypeError, ValueError) as exc:
+        raise ModelCardError(f"invalid architecture {architecture}: {exc}", path) from exc
+    mpp = float(_require(raw, "mpp", path))
+    if not mpp > 0:
+        raise ModelCardError(f"mpp must be positive, got {mpp}", path)
+    norm = raw.get("input", {}) or {}
+    normalisation = Normalisation(
+        channel_order=str(norm.get("channel_order", "RGB")).upper(),
+        scale=float(norm.get("scale", 255.0)),
+        mean=tuple(float(v) for v in norm.get("mean", (0.0, 0.0, 0.0))),  # type: ignore[arg-type]
+        std=tuple(float(v) for v in norm.get("std", (1.0, 1.0, 1.0))),  # type: ignore[arg-type]
+    )
+    if normalisation.channel_order not in ("RGB", "BGR"):
+        raise ModelCardError(
+            f"input.channel_order must be RGB or BGR, got {normalisation.channel_order}", path
+        )
+    weights = raw.get("weights") or {}
+    weights_file = (path.parent / weights["file"]).resolve() if weights.get("file") else None
+    known = {
+        "name",
+        "architecture",
+        "classes",
+        "mpp",
+        "input",
+        "weights",
+        "trained",
+        "description",
+        "tile_multiple",
+    }
+    return ModelCard(
+        name=str(raw.get("name", path.stem.removesuffix(".card"))),
+        path=path,
+        architecture=architecture,
+        classes=classes,
+        mpp=mpp,
+        normalisation=normalisation,
+        weights_file=weights_file,
+        weights_sha256=weights.get("sha256"),
+        trained=bool(raw.get("trained", False)),
+        description=str(raw.get("description", "")),
+        tile_multiple=int(raw.get("tile_multiple", 8)),
+        extra={k: v for k, v in raw.items() if k not in known},
+    )
+
+
+def cards_dir() -> Path:
+    return config_dir() / "models"
+
+
+def list_cards() -> list[ModelCard]:
+    """Every card shipped with the package, by name."""
+    return [load_card(p) for p in sorted(cards_dir().glob("*.yaml"))]
+
+
+def load_card(name_or_path: str | Path) -> ModelCard:
+    """Load a shipped card by name, or any card by path to its YAML file."""
+    candidate = Path(name_or_path)
+    if candidate.suffix not in (".yaml", ".yml"):
+        candidate = cards_dir() / f"{name_or_path}.yaml"
+        if not candidate.is_file():
+            known = ", ".join(p.stem for p in sorted(cards_dir().glob("*.yaml"))) or "none"
+            raise ModelCardError(f"unknown model '{name_or_path}' (shipped models: {known})")
+    if not candidate.is_file():
+        raise ModelCardError("model card not found", candidate)
+    try:
+        raw = yaml.safe_load(candidate.read_text())
+    except yaml.YAMLError as exc:
+        raise ModelCardError(f"not valid YAML: {str(exc).splitlines()[0]}", candidate) from exc
+    return parse_card(raw, candidate.resolve())
+
+
+def write_card(card_fields: dict[str, Any], path: Path, weights: Path) -> ModelCard:
+    """Write a card YAML for ``weights`` (sha256 filled in) and return it parsed.
+
+    Used by training so that its output is directly accepted by ``segment --model``.
+    """
+    fields = dict(card_fields)
+    rel = Path(weights).resolve()
+    try:
+        rel = rel.relative_to(Path(path).resolve().parent)
+    except ValueError:
+        pass
+    fields["weights"] = {"file": str(rel), "sha256": sha256_file(Path(weights))}
+    path.write_text(yaml.safe_dump(fields, sort_keys=False))
+    return load_card(path)
+
+
+def class_colors(card: ModelCard) -> np.ndarray:
+    """(C, 3) uint8 palette indexed by class value."""
+    return np.array([c.color for c in card.classes], dtype=np.uint8)

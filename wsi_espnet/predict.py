@@ -1,0 +1,82 @@
+"""Batches of RGB tiles → per-class scores and labels, on CPU or GPU.
+
+One :class:`Predictor` per (weights sha256, device) is cached per process, so each Dask worker
+loads a model once however many batches it runs. On CUDA the batch runs under
+``torch.inference_mode`` with bf16 autocast and channels_last memory, which is where ESPNet's
+many small depth-wise-like convolutions are fastest.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from wsi_espnet.models.cards import ModelCard
+
+_CACHE: dict[tuple[str, str], Predictor] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA device if there is one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    return resolved
+
+
+@dataclass
+class Prediction:
+    """Scores are ``round(softmax * 255)`` (uint8, N×C×H×W); labels the argmax (uint8, N×H×W)."""
+
+    scores: np.ndarray
+    labels: np.ndarray
+
+
+class Predictor:
+    """A model card's network on one device, turning uint8 NHWC tiles into class maps."""
+
+    def __init__(self, card: ModelCard, device: str = "auto") -> None:
+        self.card = card
+        self.device = resolve_device(device)
+        model = card.build_model().to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model.eval()
+        # A model is shared by a worker's threads; PyTorch modules in eval mode are
+        # re-entrant, but cuDNN autotuning and autocast state are not worth racing on.
+        self._lock = threading.Lock()
+
+    @torch.inference_mode()
+    def predict(self, tiles: np.ndarray, crop: int = 0) -> Prediction:
+        """Run the network on ``tiles`` (uint8, N×H×W×3) and drop ``crop`` pixels on each side.
+
+        Cropping before the softmax saves the work on the halo, which is discarded anyway.
+        """
+        batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
+        x = self.card.normalisation.apply(batch)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._lock, torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cuda):
+            logits = self.model(x)
+        if crop:
+            logits = logits[..., crop : logits.shape[-2] - crop, crop : logits.shape[-1] - crop]
+        logits = logits.float()
+        labels = logits.argmax(1).to(torch.uint8)
+        scores = torch.softmax(logits, 1).mul_(255).round_().to(torch.uint8)
+        return Prediction(scores.cpu().numpy(), labels.cpu().numpy())
+
+
+def get_predictor(card: ModelCard, device: str = "auto") -> Predictor:
+    """The process-wide predictor for ``card`` on ``device`` (built once, then reused)."""
+    key = (card.weights_sha256 or str(card.path), str(resolve_device(device)))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            _CACHE[key] = Predictor(card, device)
+        return _CACHE[key]
