@@ -93,7 +93,7 @@ def test_wrong_class_count_is_a_clear_error(tmp_path):
 
 
 def test_unknown_model_name_lists_shipped_models():
-    with pytest.raises(ModelCardError, match="unknown model 'nope'.*breast-tissue-espnet"):
+    with pytest.raises(ModelCardError, match=r"unknown model 'nope'.*breast-tissue-espnet"):
         load_card("nope")
 
 

@@ -11,6 +11,7 @@ cards are parsed with ``yaml.safe_load``: nothing in a card or checkpoint is eve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -254,10 +255,8 @@ def write_card(card_fields: dict[str, Any], path: Path, weights: Path) -> ModelC
     """
     fields = dict(card_fields)
     rel = Path(weights).resolve()
-    try:
+    with contextlib.suppress(ValueError):  # weights outside the card's folder stay absolute
         rel = rel.relative_to(Path(path).resolve().parent)
-    except ValueError:
-        pass
     fields["weights"] = {"file": str(rel), "sha256": sha256_file(Path(weights))}
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return load_card(path)
