@@ -1,0 +1,228 @@
+"""GeoJSON export: QuPath's import rules, round trip to the label map, seams, specks, empty stores."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio.features
+import shapely
+import shapely.geometry
+import zarr
+from affine import Affine
+from export_stores import CLASSES, blob_labels, write_store
+from qupath_rules import check_feature_collection, check_geometry, check_path_class
+from scipy import ndimage
+
+from wsi_espnet.errors import OutputError
+from wsi_espnet.export.geojson import write_geojson
+
+ROUND_TRIP_AGREEMENT = 0.97  # fraction of tissue pixels (labelled in either map) that agree
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _rasterise(collection: dict, shape: tuple[int, int], scale: float, offset=(0, 0)) -> np.ndarray:
+    """Burn the features back into the analysis grid (level-0 coordinates -> analysis pixels)."""
+    values = {c["name"]: c["value"] for c in CLASSES}
+    shapes = [
+        (f["geometry"], values[f["properties"]["classification"]["name"]]) for f in collection["features"]
+    ]
+    if not shapes:
+        return np.zeros(shape, np.uint8)
+    transform = Affine(scale, 0, -offset[0], 0, scale, -offset[1])
+    return rasterio.features.rasterize(shapes, out_shape=shape, transform=transform, dtype=np.uint8)
+
+
+# --- the checker itself, on QuPath's own fixtures and on broken input -------------------------
+
+
+def test_checker_accepts_qupath_fixtures(shared_data: Path) -> None:
+    folder = shared_data / "qupath_json"
+    assert check_geometry(_load(folder / "polygon.geojson")) == []
+    assert check_path_class(_load(folder / "derived-class.json")) == []
+    assert check_path_class(_load(folder / "derived-class-legacy.json")) == []
+
+
+GOOD_FEATURE = {
+    "type": "Feature",
+    "geometry": {
+        "type": "MultiPolygon",
+        "coordinates": [
+            [[[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]], [[2, 2], [2, 4], [4, 4], [4, 2], [2, 2]]]
+        ],
+    },
+    "properties": {
+        "objectType": "annotation",
+        "classification": {"name": "Tumor", "color": [200, 0, 0]},
+        "isLocked": True,
+        "measurements": {"Area µm^2": 96.0},
+    },
+}
+
+
+def _broken(path: tuple, value) -> dict:
+    feature = copy.deepcopy(GOOD_FEATURE)
+    target = feature
+    for key in path[:-1]:
+        target = target[key]
+    if value is KeyError:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return {"type": "FeatureCollection", "features": [feature]}
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("properties", "classification", "color"), [200, 0, 0, 255], "three ints"),
+        (("properties", "classification", "color"), [256, 0, 0], "three ints"),
+        (("properties", "classification", "color"), [1.5, 0, 0], "three ints"),
+        (("properties", "classification", "name"), KeyError, "no 'name'"),
+        (("properties", "classification"), {"name": "Tumor", "colorRGB": "red"}, "packed 32-bit"),
+        (("properties", "classification"), {"name": "Tumor"}, "no 'color'"),
+        (("properties", "measurements"), {"Area": float("nan")}, "finite"),
+        (("properties", "measurements"), {"Area": {"nested": 1}}, "finite"),
+        (("properties", "objectType"), KeyError, "objectType"),
+        (("properties", "isLocked"), "yes", "isLocked"),
+        (("geometry", "type"), "Circle", "geometry type"),
+        (("geometry", "coordinates"), [[[[0, 0], [10, 0], [10, 10], [0, 10]]]], "not closed"),
+        (("geometry", "coordinates"), [[[[0, 0], [10, 10], [10, 0], [0, 10], [0, 0]]]], "invalid geometry"),
+        (("geometry", "coordinates"), [[[[0, 0], [10, 0], [0, 0]]]], "fewer than 4"),
+        (("geometry", "coordinates"), [[[[0, "a"], [10, 0], [10, 10], [0, 0]]]], "finite"),
+    ],
+)
+def test_checker_rejects_broken_features(path: tuple, value, expected: str) -> None:
+    assert check_feature_collection({"type": "FeatureCollection", "features": [GOOD_FEATURE]}) == []
+    problems = check_feature_collection(_broken(path, value))
+    assert any(expected in p for p in problems), problems
+
+
+def test_checker_rejects_wrong_structure() -> None:
+    assert check_feature_collection([GOOD_FEATURE]) == ["top level is not a FeatureCollection"]
+    top_level_type = copy.deepcopy(GOOD_FEATURE)
+    top_level_type["objectType"] = top_level_type["properties"].pop("objectType")
+    problems = check_feature_collection({"type": "FeatureCollection", "features": [top_level_type]})
+    assert any("inside 'properties'" in p for p in problems)
+    legacy = {"name": "Tumor", "colorRGB": -3670016, "parentClass": {"name": "Tissue", "colorRGB": 2**40}}
+    assert check_path_class(legacy) == ["parentClass: colorRGB 1099511627776 is not a packed 32-bit int"]
+
+
+# --- the exporter -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3])
+def test_geojson_passes_qupath_rules_and_round_trips(tmp_path: Path, zarr_format: int) -> None:
+    labels = blob_labels((600, 700), seed=1)
+    offset = (1000, 3000)
+    store = write_store(tmp_path, labels, zarr_format=zarr_format, bounds_offset=offset)
+    collection = _load(write_geojson(store, tmp_path / "out.geojson"))
+
+    assert check_feature_collection(collection) == []
+    names = [f["properties"]["classification"]["name"] for f in collection["features"]]
+    assert names == ["benign_epithelium", "malignant_epithelium", "normal_stroma"]  # background never
+    colors = {c["name"]: c["color"] for c in CLASSES}
+    for feature in collection["features"]:
+        properties = feature["properties"]
+        assert feature["geometry"]["type"] == "MultiPolygon"
+        assert properties["classification"]["color"] == colors[properties["classification"]["name"]]
+        assert properties["isLocked"] is True
+        assert properties["measurements"]["Area mm^2"] == pytest.approx(
+            properties["measurements"]["Area µm^2"] / 1e6
+        )
+    # holes survive (stroma surrounds epithelium in this map)
+    assert any(len(polygon) > 1 for f in collection["features"] for polygon in f["geometry"]["coordinates"])
+    # classes do not overlap: coverage simplification keeps one shared boundary
+    geoms = [shapely.geometry.shape(f["geometry"]) for f in collection["features"]]
+    for i in range(len(geoms)):
+        for j in range(i + 1, len(geoms)):
+            assert geoms[i].intersection(geoms[j]).area < 1e-6
+    # fractions of tissue add up (no specks lost beyond the minimum area)
+    fractions = sum(f["properties"]["measurements"]["Fraction of tissue"] for f in collection["features"])
+    assert fractions == pytest.approx(1.0, abs=0.01)
+
+    back = _rasterise(collection, labels.shape, scale=4.0, offset=offset)
+    tissue = (labels != 0) | (back != 0)
+    agreement = (back[tissue] == labels[tissue]).mean()
+    assert agreement >= ROUND_TRIP_AGREEMENT, agreement
+
+
+def test_bounds_offset_is_subtracted_only_when_asked(tmp_path: Path) -> None:
+    labels = np.zeros((64, 64), np.uint8)
+    labels[8:24, 16:40] = 2
+    store = write_store(tmp_path, labels, tile=32, n_levels=1, bounds_offset=(100, 50))
+    cropped = _load(write_geojson(store, tmp_path / "a.geojson", simplify_px=0))
+    full = _load(write_geojson(store, tmp_path / "b.geojson", simplify_px=0, subtract_bounds=False))
+    assert shapely.geometry.shape(full["features"][0]["geometry"]).bounds == (64.0, 32.0, 160.0, 96.0)
+    assert shapely.geometry.shape(cropped["features"][0]["geometry"]).bounds == (-36.0, -18.0, 60.0, 46.0)
+
+
+def test_chunk_seams_dissolve_and_specks_are_dropped(tmp_path: Path) -> None:
+    labels = np.zeros((128, 128), np.uint8)
+    labels[20:100, 10:110] = 1  # spans four 64-px chunks
+    labels[40:60, 40:60] = 3  # a hole in class 1, filled by class 3
+    labels[120:122, 120:122] = 2  # 4 px = 16 µm² at 2 µm/px: below the minimum area
+    store = write_store(tmp_path, labels, tile=64, n_levels=2)
+    collection = _load(write_geojson(store, tmp_path / "out.geojson", min_area_um2=50, simplify_px=0))
+    assert check_feature_collection(collection) == []
+    by_name = {f["properties"]["classification"]["name"]: f for f in collection["features"]}
+    assert sorted(by_name) == ["benign_epithelium", "normal_stroma"]
+    epithelium = by_name["benign_epithelium"]["geometry"]["coordinates"]
+    assert len(epithelium) == 1 and len(epithelium[0]) == 2  # one polygon, one hole: seams gone
+    # pixel edges (simplify 0) give exact areas: (80*100 - 20*20) px * 4 µm²/px
+    assert by_name["benign_epithelium"]["properties"]["measurements"]["Area µm^2"] == pytest.approx(7600 * 4)
+
+
+def test_per_region_gives_one_feature_per_connected_region(tmp_path: Path) -> None:
+    labels = blob_labels((300, 300), seed=3)
+    store = write_store(tmp_path, labels, tile=128, n_levels=1)
+    collection = _load(write_geojson(store, tmp_path / "out.geojson", per_region=True, min_area_um2=400))
+    assert check_feature_collection(collection) == []
+    assert {f["geometry"]["type"] for f in collection["features"]} == {"Polygon"}
+    for value in (1, 2, 3):
+        name = CLASSES[value]["name"]
+        regions, count = ndimage.label(labels == value)
+        big_enough = int((np.bincount(regions.ravel())[1:] * 4 >= 400 * 1.2).sum())
+        features = [f for f in collection["features"] if f["properties"]["classification"]["name"] == name]
+        assert big_enough <= len(features) <= count
+        areas = [f["properties"]["measurements"]["Area µm^2"] for f in features]
+        assert areas == sorted(areas, reverse=True)
+
+
+def test_coarser_level_gives_the_same_picture(tmp_path: Path) -> None:
+    labels = blob_labels((400, 400), seed=5)
+    store = write_store(tmp_path, labels, tile=128, n_levels=3)
+    fine = _load(write_geojson(store, tmp_path / "fine.geojson"))
+    coarse = _load(write_geojson(store, tmp_path / "coarse.geojson", level=1))
+    assert check_feature_collection(coarse) == []
+    area = lambda fc: [f["properties"]["measurements"]["Area µm^2"] for f in fc["features"]]  # noqa: E731
+    assert area(coarse) == pytest.approx(area(fine), rel=0.05)
+    with pytest.raises(OutputError, match="no pyramid level 3"):
+        write_geojson(store, tmp_path / "x.geojson", level=3)
+
+
+def test_store_without_tissue_gives_empty_collection(tmp_path: Path) -> None:
+    store = write_store(tmp_path, np.zeros((100, 150), np.uint8), stats=False)
+    collection = _load(write_geojson(tmp_path / "slide", tmp_path / "out.geojson"))
+    assert collection == {"type": "FeatureCollection", "features": []}
+    assert check_feature_collection(collection) == []
+    assert store.is_dir()
+
+
+def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
+    with pytest.raises(OutputError, match=r"no \.ome\.zarr store found"):
+        write_geojson(tmp_path / "missing", tmp_path / "out.geojson")
+    zarr.open_group(tmp_path / "other.ome.zarr", mode="w")
+    with pytest.raises(OutputError, match="not a wsi-espnet store"):
+        write_geojson(tmp_path / "other.ome.zarr", tmp_path / "out.geojson")
+    write_store(tmp_path, np.ones((32, 32), np.uint8), stem="b", tile=32, n_levels=1)
+    with pytest.raises(OutputError, match="several slide stores"):
+        write_geojson(tmp_path, tmp_path / "out.geojson")
+    with pytest.raises(OutputError, match="cannot write GeoJSON"):
+        write_geojson(tmp_path / "b", tmp_path / "no" / "such" / "dir.geojson")
