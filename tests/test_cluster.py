@@ -1,0 +1,156 @@
+"""Cluster profiles: shipped YAML files, job scripts per scheduler, user errors, a real LocalCluster."""
+
+from __future__ import annotations
+
+import operator
+from pathlib import Path
+
+import pytest
+
+from wsi_espnet.cluster import (
+    ClusterError,
+    config_dir,
+    dashboard_link,
+    job_script,
+    list_profiles,
+    load_profile,
+    start_cluster,
+)
+from wsi_espnet.errors import ConfigError
+
+SHIPPED = {"local", "slurm", "slurm-gpu", "pbs", "lsf", "sge"}
+
+
+def write(tmp_path: Path, text: str, name: str = "site.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_config_dir_holds_the_shipped_profiles() -> None:
+    assert (config_dir() / "clusters" / "local.yaml").is_file()
+    profiles = {p.name: p for p in list_profiles()}
+    assert set(profiles) >= SHIPPED
+    assert all(p.description for p in profiles.values())
+    assert profiles["slurm-gpu"].kind == "slurm"
+
+
+@pytest.mark.parametrize(
+    ("name", "directives"),
+    [
+        ("slurm", ["#SBATCH -t 00:30:00", "#SBATCH --mem=4G", "#SBATCH --cpus-per-task=1"]),
+        ("slurm-gpu", ["#SBATCH --gres=gpu:1", "#SBATCH -p gpu", "export OMP_NUM_THREADS=8"]),
+        ("pbs", ["#PBS -l walltime=02:00:00", "#PBS -l select=1:ncpus=8:mem=32GB"]),
+        ("lsf", ["#BSUB -W 02:00", "#BSUB -n 8", "#BSUB -M 32000"]),
+        ("sge", ["#$ -l h_rt=02:00:00", "#$ -pe smp 8"]),
+    ],
+)
+def test_job_script_has_the_scheduler_directives(name: str, directives: list[str]) -> None:
+    script = job_script(load_profile(name))
+    for line in directives:
+        assert line in script.splitlines(), f"{line!r} missing from the {name} job script"
+    assert "-m distributed.cli.dask_worker" in script
+
+
+def test_gpu_profile_workers_advertise_a_gpu_resource() -> None:
+    worker_command = next(
+        line for line in job_script(load_profile("slurm-gpu")).splitlines() if "dask_worker" in line
+    )
+    assert "--resources GPU=1" in worker_command
+    assert "--lifetime" in worker_command  # leaves before the walltime kills the job
+
+
+def test_local_profile_has_no_job_script() -> None:
+    assert "no job script" in job_script(load_profile("local"))
+
+
+def test_profile_by_path_and_own_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "kind: slurm\ncores: 2\nmemory: 2GB\njobs: 3\nworker_timeout: 5\nqueue: null\n")
+    profile = load_profile(path)
+    assert (profile.name, profile.kind, profile.jobs, profile.worker_timeout) == ("site", "slurm", 3, 5.0)
+    assert profile.options == {"cores": 2, "memory": "2GB"}  # own keys and nulls are not passed on
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("kind: slurm\ncores: [1\n", "invalid YAML at line"),
+        ("- kind: slurm\n", "must be a YAML mapping"),
+        ("cores: 1\n", "key 'kind' must be one of"),
+        ("kind: kubernetes\n", "key 'kind' must be one of"),
+        (
+            "kind: slurm\ncores: 1\nmemory: 1GB\ncoers: 2\n",
+            "unknown key 'coers' for a slurm profile; did you mean 'cores'",
+        ),
+        ("kind: local\nqueue: gpu\n", "unknown key 'queue' for a local profile"),
+        ("kind: pbs\ncores: 1\nmemory: 1GB\njob_extra: ['-l x']\n", "use job_extra_directives"),
+        ("kind: slurm\nhost: 127.0.0.1\n", "use scheduler_options: {host: ...}"),
+        (
+            "kind: slurm\njob_extra_directives: --gres=gpu:1\n",
+            "'job_extra_directives' must be a list of strings",
+        ),
+        ("kind: slurm\njobs: 0\n", "'jobs' must be a positive integer"),
+        ("kind: slurm\nscheduler_options: 127.0.0.1\n", "'scheduler_options' must be a mapping"),
+    ],
+)
+def test_bad_profiles_name_the_file_and_the_problem(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    assert str(path) in str(info.value)
+    assert message in str(info.value)
+
+
+def test_missing_file_and_unknown_name(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cluster profile file not found"):
+        load_profile(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"unknown cluster profile 'nope' \(known: .*slurm-gpu"):
+        load_profile("nope")
+
+
+def test_bad_value_is_reported_when_the_job_is_built(tmp_path: Path) -> None:
+    profile = load_profile(write(tmp_path, "kind: slurm\ncores: 1\n"))  # memory missing
+    with pytest.raises(ConfigError, match="You must specify how much cores and memory"):
+        job_script(profile)
+
+
+def test_missing_submit_command_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ClusterError, match="'qsub' not found on PATH"), start_cluster(load_profile("pbs")):
+        pass
+
+
+def test_options_that_do_not_fit_the_profile_kind() -> None:
+    with (
+        pytest.raises(ConfigError, match="jobs apply to job queue profiles"),
+        start_cluster(load_profile("local"), jobs=2),
+    ):
+        pass
+    with (
+        pytest.raises(ConfigError, match="workers/threads apply to local profiles"),
+        start_cluster(load_profile("slurm"), workers=2),
+    ):
+        pass
+    with pytest.raises(ConfigError, match="adapt needs"), start_cluster(load_profile("local"), adapt=(3, 1)):
+        pass
+
+
+def test_local_cluster_from_local_yaml_runs_tasks() -> None:
+    with start_cluster(load_profile("local"), workers=1, threads=2) as client:
+        info = client.scheduler_info()
+        assert len(info["workers"]) == 1
+        assert next(iter(info["workers"].values()))["nthreads"] == 2
+        assert client.submit(operator.mul, 6, 7).result() == 42
+        assert isinstance(dashboard_link(client), str)
+        # A second client attaches to the running scheduler by address (--scheduler-address).
+        with start_cluster(None, scheduler_address=client.scheduler.address) as attached:
+            assert attached.submit(operator.add, 1, 2).result() == 3
+    assert client.status == "closed"
+
+
+def test_unreachable_scheduler_address_is_a_clear_error() -> None:
+    with (
+        pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"),
+        start_cluster(None, scheduler_address="tcp://127.0.0.1:9", connect_timeout=1),
+    ):
+        pass

@@ -1,0 +1,343 @@
+"""Cluster profiles: a small YAML file per site that says where Dask workers run.
+
+Why YAML profiles: the same ``wsi-espnet segment`` command should run on a laptop, a SLURM GPU
+partition or a PBS queue; only the profile changes. Profile keys are the constructor arguments of
+``distributed.LocalCluster`` or of the matching dask-jobqueue class (``SLURMCluster``,
+``PBSCluster``, ``LSFCluster``, ``SGECluster``) spelled exactly as in the dask-jobqueue 0.9
+documentation, so users can look them up there. Our own keys are few: ``kind``, ``description``,
+``jobs`` (how many jobs to submit by default) and ``worker_timeout`` (seconds to wait for the first
+worker before giving up with a clear error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dask_jobqueue import LSFCluster, PBSCluster, SGECluster, SLURMCluster
+from dask_jobqueue.core import Job, JobQueueCluster
+from distributed import Client, LocalCluster
+
+from wsi_espnet.errors import ConfigError, WsiEspnetError
+
+JOBQUEUE_CLASSES: dict[str, type[JobQueueCluster]] = {
+    "slurm": SLURMCluster,
+    "pbs": PBSCluster,
+    "lsf": LSFCluster,
+    "sge": SGECluster,
+}
+KINDS = ("local", *JOBQUEUE_CLASSES)
+
+#: Keys that are ours, not the cluster class's.
+OWN_KEYS = frozenset({"kind", "description", "jobs", "worker_timeout"})
+
+#: LocalCluster arguments a profile may set (LocalCluster forwards the rest to workers, so its
+#: signature alone cannot list them).
+LOCAL_KEYS = frozenset(
+    {
+        "n_workers",
+        "threads_per_worker",
+        "processes",
+        "memory_limit",
+        "resources",
+        "host",
+        "scheduler_port",
+        "interface",
+        "protocol",
+        "dashboard_address",
+        "local_directory",
+        "silence_logs",
+    }
+)
+
+#: JobQueueCluster arguments that configure the scheduler, not the job (``interface`` and
+#: ``protocol`` go to both, as in JobQueueCluster itself).
+JOBQUEUE_CLUSTER_KEYS = frozenset({"scheduler_options", "shared_temp_directory", "silence_logs"})
+SHARED_KEYS = frozenset({"interface", "protocol"})
+
+#: Arguments set by the cluster itself or by dask-jobqueue internals; a profile cannot set them.
+_INTERNAL_JOB_ARGS = frozenset({"self", "scheduler", "name", "config_name", "security"})
+
+#: Names dask-jobqueue deprecated in 0.8; we point users at the new name instead of passing them on.
+RENAMED = {
+    "job_extra": "job_extra_directives",
+    "env_extra": "job_script_prologue",
+    "extra": "worker_extra_args",
+    "header_skip": "job_directives_skip",
+    "dashboard_address": "scheduler_options: {dashboard_address: ...}",
+    "host": "scheduler_options: {host: ...}",
+}
+
+DEFAULT_WORKER_TIMEOUT = {"local": 60.0, "jobqueue": 600.0}
+
+
+class ClusterError(WsiEspnetError):
+    """The cluster could not be started or reached (no scheduler, no worker arrived)."""
+
+
+@dataclass(frozen=True)
+class ClusterProfile:
+    """A validated cluster profile.
+
+    ``options`` holds the constructor arguments exactly as the profile spelled them; ``kind``
+    picks the class they go to.
+    """
+
+    name: str
+    path: Path
+    kind: str
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    jobs: int = 1
+    worker_timeout: float = DEFAULT_WORKER_TIMEOUT["local"]
+
+    @property
+    def is_local(self) -> bool:
+        return self.kind == "local"
+
+
+def config_dir() -> Path:
+    """The package's ``configs`` folder: ``wsi_espnet/_configs`` in a wheel, ``configs/`` in a checkout.
+
+    Why both: pyproject force-includes the repository's ``configs`` as ``wsi_espnet/_configs`` so
+    an installed package finds its profiles and model cards without the source tree.
+    """
+    installed = Path(__file__).resolve().parent / "_configs"
+    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+def _profiles_dir() -> Path:
+    return config_dir() / "clusters"
+
+
+def list_profiles() -> list[ClusterProfile]:
+    """All profiles shipped with the package, sorted by name."""
+    return [load_profile(path) for path in sorted(_profiles_dir().glob("*.yaml"))]
+
+
+def _resolve(name_or_path: str | Path) -> Path:
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise ConfigError("cluster profile file not found", path)
+        return path
+    path = _profiles_dir() / f"{text}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in _profiles_dir().glob("*.yaml"))) or "none"
+        raise ConfigError(
+            f"unknown cluster profile {text!r} (known: {known}; or give a path to a .yaml file)"
+        )
+    return path
+
+
+def _allowed_keys(kind: str) -> frozenset[str]:
+    """Keys a profile of this kind may set, read from the dask-jobqueue signatures.
+
+    Why from the signatures: the allowed keys then follow the installed dask-jobqueue version.
+    """
+    if kind == "local":
+        return LOCAL_KEYS
+    job_cls = JOBQUEUE_CLASSES[kind].job_cls
+    job_args = set(inspect.signature(job_cls.__init__).parameters) | set(
+        inspect.signature(Job.__init__).parameters
+    )
+    job_args -= _INTERNAL_JOB_ARGS | set(RENAMED) | {"base_class_kwargs"}
+    return frozenset(job_args | JOBQUEUE_CLUSTER_KEYS | SHARED_KEYS)
+
+
+def _check_key(path: Path, kind: str, key: object, allowed: frozenset[str]) -> None:
+    if not isinstance(key, str):
+        raise ConfigError(f"key {key!r} is not a string", path)
+    if key in allowed or key in OWN_KEYS:
+        return
+    if key in RENAMED and kind != "local":
+        raise ConfigError(f"key {key!r} is not accepted; use {RENAMED[key]}", path)
+    close = difflib.get_close_matches(key, sorted(allowed | OWN_KEYS), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; allowed: {', '.join(sorted(allowed))}"
+    raise ConfigError(f"unknown key {key!r} for a {kind} profile{hint}", path)
+
+
+def load_profile(name_or_path: str | Path) -> ClusterProfile:
+    """Load and validate a profile by name (shipped with the package) or by path to a YAML file."""
+    path = _resolve(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", path) from exc
+    if not isinstance(data, dict):
+        raise ConfigError("a cluster profile must be a YAML mapping of keys to values", path)
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"key 'kind' must be one of {', '.join(KINDS)} (got {kind!r})", path)
+    allowed = _allowed_keys(kind)
+    for key in data:
+        _check_key(path, kind, key, allowed)
+
+    jobs = data.get("jobs", 1)
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ConfigError(f"key 'jobs' must be a positive integer (got {jobs!r})", path)
+    default_timeout = DEFAULT_WORKER_TIMEOUT["local" if kind == "local" else "jobqueue"]
+    timeout = data.get("worker_timeout", default_timeout)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+        raise ConfigError(
+            f"key 'worker_timeout' must be a positive number of seconds (got {timeout!r})", path
+        )
+    if "scheduler_options" in data and not isinstance(data["scheduler_options"], dict):
+        raise ConfigError("key 'scheduler_options' must be a mapping", path)
+    for key in ("job_extra_directives", "job_script_prologue", "worker_extra_args", "job_directives_skip"):
+        if key in data and not (isinstance(data[key], list) and all(isinstance(v, str) for v in data[key])):
+            raise ConfigError(f"key {key!r} must be a list of strings", path)
+
+    options = {k: v for k, v in data.items() if k not in OWN_KEYS and v is not None}
+    return ClusterProfile(
+        name=path.stem,
+        path=path,
+        kind=kind,
+        description=str(data.get("description") or ""),
+        options=options,
+        jobs=jobs,
+        worker_timeout=float(timeout),
+    )
+
+
+def _split_jobqueue_options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(cluster-only arguments, job arguments); ``interface``/``protocol`` go to both."""
+    cluster = {k: v for k, v in options.items() if k in JOBQUEUE_CLUSTER_KEYS | SHARED_KEYS}
+    job = {k: v for k, v in options.items() if k not in JOBQUEUE_CLUSTER_KEYS}
+    return cluster, job
+
+
+def job_script(profile: ClusterProfile) -> str:
+    """The batch script one worker job would submit (what ``wsi-espnet cluster show`` prints).
+
+    Built from the job class alone, with a placeholder scheduler address, so showing a profile
+    starts no scheduler and submits nothing.
+    """
+    if profile.is_local:
+        return (
+            f"# profile {profile.name!r} (kind: local) runs a LocalCluster on this machine: "
+            "there is no job script.\n"
+        )
+    _, job_options = _split_jobqueue_options(profile.options)
+    job_cls = JOBQUEUE_CLASSES[profile.kind].job_cls
+    try:
+        job = job_cls("tcp://<scheduler-address>:8786", name="dask-worker", **job_options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value for {job_cls.__name__}: {exc}", profile.path) from exc
+    return job.job_script()
+
+
+def _make_cluster(
+    profile: ClusterProfile, workers: int | None, threads: int | None
+) -> LocalCluster | JobQueueCluster:
+    if profile.is_local:
+        options = dict(profile.options)
+        if workers is not None:
+            options["n_workers"] = workers
+        if threads is not None:
+            options["threads_per_worker"] = threads
+        return LocalCluster(**options)
+    if workers is not None or threads is not None:
+        raise ConfigError(
+            "workers/threads apply to local profiles; for a job queue use jobs or adapt, "
+            "and set cores/processes in the profile",
+            profile.path,
+        )
+    cls = JOBQUEUE_CLASSES[profile.kind]
+    submit = cls.job_cls.submit_command
+    if shutil.which(submit) is None:
+        raise ClusterError(
+            f"{submit!r} not found on PATH: run from a {profile.kind} login node, "
+            "or start workers yourself and pass the scheduler address",
+            profile.path,
+        )
+    try:
+        return cls(**profile.options)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value for {cls.__name__}: {exc}", profile.path) from exc
+
+
+@contextlib.contextmanager
+def start_cluster(
+    profile: ClusterProfile | None,
+    jobs: int | None = None,
+    adapt: tuple[int, int] | None = None,
+    scheduler_address: str | None = None,
+    workers: int | None = None,
+    threads: int | None = None,
+    connect_timeout: float = 30.0,
+) -> Iterator[Client]:
+    """Start the profile's cluster (or connect to a running scheduler) and yield a client.
+
+    * ``scheduler_address``: connect to an existing scheduler (waiting up to ``connect_timeout``
+      seconds); the profile is not used.
+    * local profiles: a LocalCluster; ``workers``/``threads`` override the profile.
+    * job queue profiles: submit ``jobs`` jobs (default: the profile's ``jobs``), or with
+      ``adapt=(minimum_jobs, maximum_jobs)`` let Dask submit and cancel jobs as work comes and goes.
+
+    Waits up to the profile's ``worker_timeout`` seconds for a first worker, so a queue that never
+    starts our jobs fails with a message instead of hanging. Everything (client, scheduler, jobs)
+    is closed on exit.
+    """
+    if adapt is not None and (adapt[0] < 0 or adapt[1] < max(adapt[0], 1)):
+        raise ConfigError(f"adapt needs 0 <= minimum <= maximum and maximum >= 1 (got {adapt})")
+    if jobs is not None and jobs < 1:
+        raise ConfigError(f"jobs must be at least 1 (got {jobs})")
+    with contextlib.ExitStack() as stack:
+        if scheduler_address is not None:
+            try:
+                client = stack.enter_context(Client(scheduler_address, timeout=connect_timeout))
+            except OSError as exc:
+                raise ClusterError(f"cannot reach the Dask scheduler at {scheduler_address}: {exc}") from exc
+            yield client
+            return
+        if profile is None:
+            raise ConfigError("give a cluster profile or a scheduler address")
+        if profile.is_local and jobs is not None:
+            raise ConfigError(
+                "jobs apply to job queue profiles; use workers for a local profile", profile.path
+            )
+        cluster = stack.enter_context(_make_cluster(profile, workers, threads))
+        if adapt is not None:
+            if profile.is_local:
+                cluster.adapt(minimum=adapt[0], maximum=adapt[1])
+            else:
+                cluster.adapt(minimum_jobs=adapt[0], maximum_jobs=adapt[1])
+        elif not profile.is_local:
+            cluster.scale(jobs=jobs or profile.jobs)
+        client = stack.enter_context(Client(cluster))
+        try:
+            client.wait_for_workers(1, timeout=profile.worker_timeout)
+        except TimeoutError as exc:
+            raise ClusterError(_no_worker_message(profile, cluster), profile.path) from exc
+        yield client
+
+
+def _no_worker_message(profile: ClusterProfile, cluster: LocalCluster | JobQueueCluster) -> str:
+    if profile.is_local:
+        return f"no local Dask worker started within {profile.worker_timeout:g}s"
+    logs = profile.options.get("log_directory") or "the job's working directory"
+    return (
+        f"no Dask worker joined within {profile.worker_timeout:g}s (scheduler {cluster.scheduler_address}); "
+        f"check the queue (jobs pending?) and the worker logs in {logs}"
+    )
+
+
+def dashboard_link(client: Client) -> str:
+    """Where to watch progress: the dashboard URL, or a note that the scheduler serves none.
+
+    The URL's ``/status`` page needs ``bokeh`` in the scheduler's environment (not a dependency).
+    """
+    if "dashboard" not in client.scheduler_info(n_workers=0).get("services", {}):
+        return "no dashboard (the scheduler runs without one)"
+    return str(client.dashboard_link)
