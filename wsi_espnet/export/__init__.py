@@ -101,10 +101,10 @@ class SlideOutputs:
         return self.n_levels - 1
 
     def iter_label_chunks(self, level: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(y0, x0, block)`` for every storage chunk of the label level, so memory stays one chunk."""
+        """``(y0, x0, block)`` for every stored block (shard, else chunk), so memory stays one block."""
         array = self.labels(level)
         height, width = array.shape
-        chunk_h, chunk_w = array.chunks
+        chunk_h, chunk_w = array.shards or array.chunks
         for y0 in range(0, height, chunk_h):
             for x0 in range(0, width, chunk_w):
                 yield y0, x0, array[y0 : y0 + chunk_h, x0 : x0 + chunk_w]

@@ -1,0 +1,98 @@
+"""A PNG a person can look at: the slide thumbnail with class colours blended over tissue, and a legend.
+
+The labels come from the coarsest pyramid level that still covers the thumbnail's size, read
+with a stride when even that level is much larger, so the whole overlay costs a few megabytes
+whatever the slide size. Background (label 0) is left untouched so glass stays glass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from wsi_espnet.errors import OutputError
+from wsi_espnet.export import SlideOutputs, open_outputs
+
+ALPHA = 0.45
+DEFAULT_SIDE = 1200  # px of the overlay's longer side when no thumbnail is given
+LEGEND_WIDTH = 320
+FONT_SIZE = 14
+LINE = 22
+SWATCH = 14
+MARGIN = 10
+
+
+def write_overlay(
+    store: str | Path,
+    path: str | Path,
+    slide_thumbnail: np.ndarray | None = None,
+    stats: dict[str, Any] | None = None,
+) -> Path:
+    """Write the overlay PNG (thumbnail, or white, + blended classes + legend with areas in mm²)."""
+    image = render_overlay(open_outputs(store), slide_thumbnail, stats)
+    path = Path(path)
+    try:
+        image.save(path, format="PNG", optimize=True)
+    except OSError as error:
+        raise OutputError(f"cannot write PNG ({error})", path) from error
+    return path
+
+
+def render_overlay(
+    outputs: SlideOutputs, slide_thumbnail: np.ndarray | None, stats: dict[str, Any] | None
+) -> Image.Image:
+    """The overlay as a Pillow image; also embedded by the HTML report."""
+    if slide_thumbnail is None:
+        height, width = outputs.labels(0).shape
+        factor = DEFAULT_SIDE / max(height, width)
+        height, width = max(1, round(height * factor)), max(1, round(width * factor))
+        base = np.full((height, width, 3), 255, np.uint8)
+    else:
+        base = np.asarray(slide_thumbnail, dtype=np.uint8)[..., :3]
+        height, width = base.shape[:2]
+    labels = labels_at_size(outputs, height, width)
+    colors = np.zeros((256, 3), np.float32)
+    for info in outputs.tissue_classes:
+        colors[info.value] = info.color
+    tissue = np.isin(labels, [c.value for c in outputs.tissue_classes])  # never background
+    blended = base.astype(np.float32)
+    blended[tissue] = (1 - ALPHA) * blended[tissue] + ALPHA * colors[labels[tissue]]
+    picture = Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
+    return _with_legend(picture, outputs, stats)
+
+
+def labels_at_size(outputs: SlideOutputs, height: int, width: int) -> np.ndarray:
+    """The label map resampled (nearest) to ``height x width`` from the coarsest level that covers it."""
+    for level in reversed(range(outputs.n_levels)):
+        array = outputs.labels(level)
+        if array.shape[0] >= height and array.shape[1] >= width:
+            break
+    step = max(1, min(array.shape[0] // height, array.shape[1] // width))
+    coarse = np.asarray(array[::step, ::step])
+    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
+
+
+def _with_legend(picture: Image.Image, outputs: SlideOutputs, stats: dict[str, Any] | None) -> Image.Image:
+    """Place a legend panel (name, colour, area in mm²) to the right of the picture."""
+    areas = {int(row["label"]): float(row["area_mm2"]) for row in (stats or {}).get("classes", [])}
+    lines = [(None, outputs.stem)]
+    if stats and "tissue_area_mm2" in stats:
+        lines.append((None, f"tissue {float(stats['tissue_area_mm2']):.3f} mm²"))
+    for info in outputs.tissue_classes:
+        area = f"  {areas[info.value]:.3f} mm²" if info.value in areas else ""
+        lines.append((info.color, f"{info.name}{area}"))
+    legend_height = 2 * MARGIN + LINE * len(lines)
+    canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
+    canvas.paste(picture, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=FONT_SIZE)
+    x = picture.width + MARGIN
+    for row, (color, text) in enumerate(lines):
+        y = MARGIN + row * LINE
+        if color is not None:
+            draw.rectangle([x, y, x + SWATCH, y + SWATCH], fill=tuple(color), outline=(60, 60, 60))
+        draw.text((x + SWATCH + 8, y), text, fill=(20, 20, 20), font=font)
+    return canvas
