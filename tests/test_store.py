@@ -189,7 +189,7 @@ def test_concurrent_writers_in_separate_processes(tmp_path: Path, zarr_format: i
     store = SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES, zarr_format=zarr_format)
     indices = [(iy, ix) for iy in range(5) for ix in range(3)]
     with (
-        LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=None) as cluster,
+        LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster,
         Client(cluster) as client,
     ):
         pids = client.gather(client.map(_write_one, [store] * len(indices), indices, pure=False))
