@@ -23,6 +23,7 @@ FONT_SIZE = 14
 LINE = 22
 SWATCH = 14
 MARGIN = 10
+AREA_UNIT = "mm^2"  # as QuPath writes it; Pillow's built-in font has no superscript two
 
 
 def write_overlay(
@@ -31,7 +32,7 @@ def write_overlay(
     slide_thumbnail: np.ndarray | None = None,
     stats: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the overlay PNG (thumbnail, or white, + blended classes + legend with areas in mm²)."""
+    """Write the overlay PNG: thumbnail (or white), classes blended over tissue, legend with areas."""
     image = render_overlay(open_outputs(store), slide_thumbnail, stats)
     path = Path(path)
     try:
@@ -80,9 +81,9 @@ def _with_legend(picture: Image.Image, outputs: SlideOutputs, stats: dict[str, A
     areas = {int(row["label"]): float(row["area_mm2"]) for row in (stats or {}).get("classes", [])}
     lines = [(None, outputs.stem)]
     if stats and "tissue_area_mm2" in stats:
-        lines.append((None, f"tissue {float(stats['tissue_area_mm2']):.3f} mm²"))
+        lines.append((None, f"tissue {float(stats['tissue_area_mm2']):.3f} {AREA_UNIT}"))
     for info in outputs.tissue_classes:
-        area = f"  {areas[info.value]:.3f} mm²" if info.value in areas else ""
+        area = f"  {areas[info.value]:.3f} {AREA_UNIT}" if info.value in areas else ""
         lines.append((info.color, f"{info.name}{area}"))
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
