@@ -188,10 +188,11 @@ class Slide:
         level_w, level_h = self.level_dimensions[level]
         factor = (mpp / self.mpp) / down  # level pixels per analysis pixel
         sx0, sy0, sx1, sy1 = x * factor, y * factor, (x + width) * factor, (y + height) * factor
-        ix0, iy0 = math.floor(sx0), math.floor(sy0)
-        canvas = Image.new("RGB", (math.ceil(sx1) - ix0, math.ceil(sy1) - iy0), (255, 255, 255))
-        cx0, cy0 = max(ix0, 0), max(iy0, 0)
-        cx1, cy1 = min(math.ceil(sx1), level_w), min(math.ceil(sy1), level_h)
+        # Level pixels to fetch, with a one-pixel margin: room for openslide's sub-pixel shift.
+        ix0, iy0 = math.floor(sx0) - 1, math.floor(sy0) - 1
+        ix1, iy1 = math.ceil(sx1) + 1, math.ceil(sy1) + 1
+        canvas = Image.new("RGB", (ix1 - ix0, iy1 - iy0), (255, 255, 255))
+        cx0, cy0, cx1, cy1 = max(ix0, 0), max(iy0, 0), min(ix1, level_w), min(iy1, level_h)
         shift_x = shift_y = 0.0
         if cx1 > cx0 and cy1 > cy0:
             patch, shift_x, shift_y = self._read_level(level, cx0, cy0, cx1 - cx0, cy1 - cy0)
@@ -203,12 +204,16 @@ class Slide:
     def _read_level(self, level: int, lx: int, ly: int, w: int, h: int) -> tuple[Image.Image, float, float]:
         """RGB patch of level pixels [lx, lx + w) x [ly, ly + h), composited on white.
 
-        Backends take the location in level-0 pixels. tiffslide starts at ``int(loc / down)``;
-        openslide starts at the fractional ``loc / down``, so the returned shift (level pixels,
-        < 1 / down) tells the caller how far the patch actually starts past (lx, ly).
+        Backends take the location in level-0 pixels. tiffslide starts at level pixel
+        ``int(loc / down)``; openslide starts at the fractional ``loc / down`` and resamples
+        (blurring) to get there, so for it the nearest level-0 pixel keeps the offset smallest
+        and the returned shift (level pixels, at most 0.5 / down) says where the patch starts.
         """
         down = self.level_downsamples[level]
-        loc_x, loc_y = _level0_location(lx, down), _level0_location(ly, down)
+        if self.backend == "openslide":
+            loc_x, loc_y = round(lx * down), round(ly * down)
+        else:
+            loc_x, loc_y = _tiffslide_location(lx, down), _tiffslide_location(ly, down)
         try:
             with self._lock:
                 patch = self._handle.read_region((loc_x, loc_y), level, (w, h))
@@ -251,8 +256,8 @@ def _plausible(mpp: float) -> bool:
     return math.isfinite(mpp) and _PLAUSIBLE_MPP[0] <= mpp <= _PLAUSIBLE_MPP[1]
 
 
-def _level0_location(level_px: int, down: float) -> int:
-    """Smallest level-0 coordinate that both backends map to level pixel ``level_px``."""
+def _tiffslide_location(level_px: int, down: float) -> int:
+    """A level-0 coordinate that tiffslide maps (``int(loc / down)``) to level pixel ``level_px``."""
     loc = math.ceil(level_px * down - 1e-6)
     return loc if int(loc / down) == level_px else loc + 1
 
