@@ -307,7 +307,8 @@ def start_cluster(
             raise ConfigError(
                 "jobs apply to job queue profiles; use workers for a local profile", profile.path
             )
-        cluster = stack.enter_context(_make_cluster(profile, workers, threads))
+        cluster = _make_cluster(profile, workers, threads)
+        stack.callback(_close_cluster, cluster)
         if adapt is not None:
             if profile.is_local:
                 cluster.adapt(minimum=adapt[0], maximum=adapt[1])
@@ -323,13 +324,26 @@ def start_cluster(
         yield client
 
 
+def _close_cluster(cluster: LocalCluster | JobQueueCluster) -> None:
+    """Close the cluster, tolerating the one known close-time failure of a failed job submission.
+
+    When the submit command fails (e.g. an unknown partition), the job object stays in status
+    ``created`` and ``SpecCluster.close`` trips over an assertion after it has already closed the
+    scheduler (dask/distributed#6183). Ignoring it keeps the user's error (no worker joined, with
+    the submission error logged above) instead of an unrelated AssertionError.
+    """
+    with contextlib.suppress(AssertionError):
+        cluster.close()
+
+
 def _no_worker_message(profile: ClusterProfile, cluster: LocalCluster | JobQueueCluster) -> str:
     if profile.is_local:
         return f"no local Dask worker started within {profile.worker_timeout:g}s"
     logs = profile.options.get("log_directory") or "the job's working directory"
     return (
         f"no Dask worker joined within {profile.worker_timeout:g}s (scheduler {cluster.scheduler_address}); "
-        f"check the queue (jobs pending?) and the worker logs in {logs}"
+        f"see any submission error logged above, check the queue (jobs pending?) and the worker logs in "
+        f"{logs}"
     )
 
 
