@@ -68,7 +68,7 @@ class TissueSettings:
     min_saturation: float = 0.07  # floor for the Otsu threshold on saturation (0-1)
     max_dark_value: float = 0.15  # V (0-1) below which a pixel is a dark artefact
     closing_radius_um: float = 32.0  # bridge gaps between cells of one fragment
-    min_object_um2: float = 20_000.0  # drop specks smaller than this (≈ 140 µm square)
+    min_object_um2: float = 5_000.0  # drop specks smaller than this (≈ 70 µm square)
     min_hole_um2: float = 20_000.0  # fill holes smaller than this (small lumina, vessels)
 
 
