@@ -180,8 +180,10 @@ class Slide:
         The window may extend past any edge; outside the slide is white (255). Pixels are
         area-averaged (PIL ``BOX``) from the best level, over the exact sub-pixel footprint of
         each output pixel, so a pixel's value does not depend on the window it was read in:
-        neighbouring and overlapping tiles agree, padding included. BOX is PIL's cheapest
-        antialiased filter and exact for the ~2x steps between a level and the analysis grid.
+        neighbouring and overlapping tiles agree, padding included (exactly with tiffslide;
+        with openslide up to a slight blur at levels whose downsample is not an integer, see
+        :meth:`_read_level`). BOX is PIL's cheapest antialiased filter and exact for the ~2x
+        steps between a level and the analysis grid; upsampling uses BILINEAR.
         """
         level = self.best_level(mpp)
         down = self.level_downsamples[level]
