@@ -31,15 +31,16 @@ def main(slide: Path | None, outdir: Path) -> int:
 
     settings = SegmentSettings(workers=1, threads=2, formats=("geojson",), quiet=True)
     (result,) = run_segment([SlideJob(slide)], outdir, settings)
-    if result.status != "done":
+    if result.status == "failed":
         print(result.error, file=sys.stderr)
         return 1
 
+    # "done", or "skipped" when an earlier run already finished this slide: read its outputs.
     output = SlideOutput.for_slide(outdir, slide)
     labels = zarr.open_group(output.store, mode="r")["labels/tissue/0"]  # class per analysis pixel
     stats = json.loads(output.stats_json.read_text())
-    print(f"{slide.name}: {result.tiles_processed} tiles in {result.seconds:.1f}s, label map {labels.shape}")
-    print(f"tissue area {result.tissue_area_mm2:.2f} mm²; statistics keys: {', '.join(stats)}")
+    print(f"{slide.name}: {result.status}, label map {labels.shape} at {stats['mpp']} µm/px")
+    print(f"tissue area {stats['tissue_area_mm2']:.2f} mm²; per class: {output.stats_csv}")
     print(f"open {output.store} in napari, or import the GeoJSON in {output.root} into QuPath")
     return 0
 
