@@ -16,7 +16,7 @@ from torch import nn
 from wsi_espnet.models import ESPNet
 from wsi_espnet.models.cards import Normalisation, load_card, write_card
 from wsi_espnet.train import evaluate as ev
-from wsi_espnet.train.commands import evaluate_command
+from wsi_espnet.train.commands import evaluate as evaluate_cli
 from wsi_espnet.train.datasets import IGNORE_INDEX, Sample
 
 NAMES = ["a", "b", "c"]
@@ -90,7 +90,7 @@ def test_evaluate_cli_writes_json(tmp_path: Path) -> None:
     Image.fromarray(np.full((64, 80), 3, np.uint8)).save(tmp_path / "data/masks/x.png")
     out = tmp_path / "metrics.json"
     result = CliRunner().invoke(
-        evaluate_command, ["--model", str(card_path), str(tmp_path / "data"), "--out", str(out)]
+        evaluate_cli, ["--model", str(card_path), str(tmp_path / "data"), "--out", str(out)]
     )
     assert result.exit_code == 0, result.output
     assert "mIoU" in result.output and "normal_stroma" in result.output

@@ -13,7 +13,7 @@ from PIL import Image
 
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.cards import load_card
-from wsi_espnet.train.commands import train_command
+from wsi_espnet.train.commands import train as train_cli
 from wsi_espnet.train.datasets import IGNORE_INDEX, Sample, load_folder, read_mask
 from wsi_espnet.train.evaluate import evaluate_model
 from wsi_espnet.train.loop import TrainConfig, downsample_labels, initialise, train
@@ -155,7 +155,7 @@ def test_cli_writes_card_weights_log_and_curves(tmp_path: Path, rois: Path) -> N
         "--name",
         "tiny",
     ]
-    result = CliRunner().invoke(train_command, args)
+    result = CliRunner().invoke(train_cli, args)
     assert result.exit_code == 0, result.output
     card = load_card(run / "tiny.yaml")
     assert card.trained and card.weights_sha256 and card.n_classes == 8

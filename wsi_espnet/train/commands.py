@@ -1,7 +1,7 @@
 """``wsi-espnet train`` and ``wsi-espnet evaluate``: thin click commands over the Python API.
 
-Register them on the main group with ``main.add_command(train_command)`` and
-``main.add_command(evaluate_command)``.
+Register them on the main group with ``main.add_command(train)`` and
+``main.add_command(evaluate)`` (``wsi_espnet.cli`` does).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.cards import DEFAULT_MODEL, load_card
+from wsi_espnet.train import loop
 from wsi_espnet.train.datasets import Sample, load_annotated_slides, load_folder
 from wsi_espnet.train.evaluate import evaluate_model, format_table
-from wsi_espnet.train.loop import TrainConfig, train
 
 _PATH = click.Path(path_type=Path)
 _EXISTING = click.Path(exists=True, path_type=Path)
@@ -87,12 +87,12 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoints/last.pt.")
 @click.pass_context
-def train_command(ctx: click.Context, **options: object) -> None:
+def train(ctx: click.Context, **options: object) -> None:
     """Train or fine-tune ESPNet; writes RUN_DIR/<name>.yaml + .pt for `segment --model`."""
     for key in ("data_mpp", "slides", "annotations", "val"):
         options[key] = tuple(options[key])  # type: ignore[arg-type]
-    config = TrainConfig(**options, command=_command_line(ctx))  # type: ignore[arg-type]
-    result = train(config)
+    config = loop.TrainConfig(**options, command=_command_line(ctx))  # type: ignore[arg-type]
+    result = loop.train(config)
     click.echo(f"model card: {result.card_path}")
     click.echo(f"weights:    {result.weights_path} ({result.weights_path.stat().st_size / 1e6:.2f} MB)")
     if result.val_metrics is not None:
@@ -136,7 +136,7 @@ def _evaluation_samples(
 @click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides that do not record it.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--out", type=_PATH, help="Write the metrics (with the confusion matrix) as JSON here.")
-def evaluate_command(
+def evaluate(
     model_name: str,
     data: tuple[Path, ...],
     annotations: tuple[Path, ...],
