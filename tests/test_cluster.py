@@ -133,6 +133,11 @@ def test_options_that_do_not_fit_the_profile_kind() -> None:
         pass
     with pytest.raises(ConfigError, match="adapt needs"), start_cluster(load_profile("local"), adapt=(3, 1)):
         pass
+    with (
+        pytest.raises(ConfigError, match="not both"),
+        start_cluster(load_profile("slurm"), jobs=2, adapt=(1, 2)),
+    ):
+        pass
 
 
 def test_local_cluster_from_local_yaml_runs_tasks() -> None:

@@ -293,6 +293,8 @@ def start_cluster(
         raise ConfigError(f"adapt needs 0 <= minimum <= maximum and maximum >= 1 (got {adapt})")
     if jobs is not None and jobs < 1:
         raise ConfigError(f"jobs must be at least 1 (got {jobs})")
+    if jobs is not None and adapt is not None:
+        raise ConfigError("give a fixed number of jobs or adaptive scaling (adapt), not both")
     with contextlib.ExitStack() as stack:
         if scheduler_address is not None:
             try:
