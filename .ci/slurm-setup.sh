@@ -54,7 +54,8 @@ trap 'rm -f "$NEW_CONF"' EXIT
 cat >"$NEW_CONF" <<EOF
 # Written by .ci/slurm-setup.sh: a single-node cluster on ${HOST}.
 ClusterName=wsi-espnet-ci
-SlurmctldHost=${HOST}
+# The address makes the controller reachable even where the host name does not resolve.
+SlurmctldHost=${HOST}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
