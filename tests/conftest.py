@@ -25,3 +25,35 @@ def espnet_reference() -> Path:
     if not ESPNET_REFERENCE.is_dir():
         pytest.skip(f"official ESPNet reference not found at {ESPNET_REFERENCE}")
     return ESPNET_REFERENCE
+
+
+@pytest.fixture(scope="session")
+def tissue_card(tmp_path_factory):
+    """The shipped breast-tissue card when its trained weights are present, else the same
+    architecture with seeded random weights (a fixture-only card, never shown to users)."""
+    import torch
+
+    from wsi_espnet.models import create_model
+    from wsi_espnet.models.cards import load_card, write_card
+
+    shipped = load_card("breast-tissue-espnet")
+    if shipped.weights_present and shipped.trained:
+        return shipped.path
+    import yaml
+
+    fields = yaml.safe_load(shipped.path.read_text())
+    fields.update(name="fixture-random-espnet", trained=False)
+    folder = tmp_path_factory.mktemp("card")
+    torch.manual_seed(0)
+    weights = folder / "fixture-random-espnet.pt"
+    torch.save(create_model(**fields["architecture"]).state_dict(), weights)
+    return write_card(fields, folder / "fixture-random-espnet.yaml", weights).path
+
+
+@pytest.fixture(scope="session")
+def small_slide(tmp_path_factory):
+    """A small synthetic pyramidal slide: 2048x1536 px at 0.5 µm/px (1024x768 at 1 µm/px)."""
+    from wsi_espnet.sample import write_sample_slide
+
+    folder = tmp_path_factory.mktemp("slides")
+    return write_sample_slide(folder / "small.tif", 2048, 1536, mpp=0.5, tissue_fraction=0.35, seed=3)

@@ -91,13 +91,14 @@ def class_geometries(
 ) -> dict[ClassInfo, MultiPolygon]:
     """Valid, non-overlapping MultiPolygons per class present, in QuPath's level-0 pixel frame."""
     known = {c.value: c for c in outputs.tissue_classes}
-    unions = {value: geom for value, geom in _vectorise(outputs, level).items() if value in known}
+    min_area_px = min_area_um2 / outputs.level_mpp(level) ** 2
+    vectors = _vectorise(outputs, level, min_area_px)
+    unions = {value: geom for value, geom in vectors.items() if value in known}
     values = sorted(unions)
     coverage = [unions[v] for v in values]
     tolerance = simplify_px / 2**level
     if tolerance > 0 and coverage:
         coverage = list(shapely.coverage_simplify([shapely.segmentize(g, 1.0) for g in coverage], tolerance))
-    min_area_px = min_area_um2 / outputs.level_mpp(level) ** 2
     factor = 2**level * outputs.scale
     dx, dy = outputs.bounds_offset if subtract_bounds else (0, 0)
     result: dict[ClassInfo, MultiPolygon] = {}
@@ -112,18 +113,37 @@ def class_geometries(
     return result
 
 
-def _vectorise(outputs: SlideOutputs, level: int) -> dict[int, shapely.Geometry]:
-    """Per label value, the union of its pixel polygons over all chunks (level pixel coordinates)."""
-    pieces: dict[int, list[shapely.Geometry]] = {}
+def _vectorise(outputs: SlideOutputs, level: int, min_area_px: float) -> dict[int, shapely.Geometry]:
+    """Per label value, its pixel polygons over all chunks, merged across chunk seams.
+
+    Only polygons that touch their chunk's border can continue in a neighbouring chunk, so only
+    those go through ``union_all`` (the expensive step: GEOS unions are super-linear in the
+    number of parts). Polygons inside a chunk are complete regions already; those smaller
+    than ``min_area_px`` are dropped before any geometry work, which keeps noisy maps fast.
+    """
+    inner: dict[int, list[shapely.Geometry]] = {}
+    seam: dict[int, list[shapely.Geometry]] = {}
     for y0, x0, block in outputs.iter_label_chunks(level):
         tissue = block != BACKGROUND
         if not tissue.any():
             continue
+        y1, x1 = y0 + block.shape[0], x0 + block.shape[1]
         for geometry, value in rasterio.features.shapes(
             block, mask=tissue, transform=Affine.translation(x0, y0)
         ):
-            pieces.setdefault(int(value), []).append(shapely.geometry.shape(geometry))
-    return {value: shapely.union_all(parts) for value, parts in pieces.items()}
+            polygon = shapely.geometry.shape(geometry)
+            left, top, right, bottom = polygon.bounds
+            if left <= x0 or top <= y0 or right >= x1 or bottom >= y1:
+                seam.setdefault(int(value), []).append(polygon)
+            elif polygon.area >= min_area_px:
+                inner.setdefault(int(value), []).append(polygon)
+    merged = {}
+    for value in set(inner) | set(seam):
+        parts = list(inner.get(value, []))
+        if value in seam:
+            parts.extend(shapely.get_parts(shapely.union_all(seam[value])))
+        merged[value] = shapely.MultiPolygon(parts)
+    return merged
 
 
 def _polygonal(geom: shapely.Geometry, min_area: float) -> MultiPolygon:

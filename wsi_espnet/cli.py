@@ -1,0 +1,297 @@
+"""``wsi-espnet``: thin click commands; parsing and reporting only, the work lives in the library.
+
+A user mistake (any :class:`~wsi_espnet.errors.WsiEspnetError`) prints one line,
+``Error: <file>: <problem>``, and exits 1 without a traceback.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from wsi_espnet import __version__
+from wsi_espnet.errors import SlideError, WsiEspnetError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """A click group that turns user errors into one-line messages."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except WsiEspnetError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@click.group(cls=_Group, context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="wsi-espnet")
+def main() -> None:
+    """Segment H&E breast-biopsy whole-slide images into tissue classes with ESPNet.
+
+    Start with `wsi-espnet demo`, then `wsi-espnet segment SLIDE -o OUTDIR`. Results open in
+    QuPath (GeoJSON, OME-TIFF) and napari (OME-Zarr); see the README.
+    """
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+
+
+@main.command()
+def models() -> None:
+    """List the model cards shipped with wsi-espnet and whether their weights are trained."""
+    from wsi_espnet.models.cards import list_cards
+
+    rows = [("NAME", "CLASSES", "MPP", "PARAMS", "WEIGHTS", "TRAINED")]
+    for card in list_cards():
+        weights = "present" if card.weights_present else "missing"
+        trained = "yes" if card.trained else "NO (untrained placeholder)"
+        rows.append(
+            (card.name, str(card.n_classes), f"{card.mpp:g}", f"{card.n_parameters:,}", weights, trained)
+        )
+    _print_table(rows)
+
+
+@main.command()
+@click.argument("slide", type=click.Path(path_type=Path))
+@click.option("--slide-mpp", type=float, help="Level-0 µm/px, for slides whose files carry none.")
+def info(slide: Path, slide_mpp: float | None) -> None:
+    """Show a slide's vendor, size, pyramid levels, resolution and the reader used."""
+    from wsi_espnet.slide import Slide
+
+    with Slide.open(slide, slide_mpp=slide_mpp) as opened:
+        meta = opened.metadata()
+    for key, value in meta.items():
+        click.echo(f"{key:>18}: {value}")
+
+
+def _segment_options(func: Any) -> Any:
+    options = [
+        click.option("-o", "--outdir", type=click.Path(path_type=Path), required=True, help="Output folder."),
+        click.option("--model", help="Model name (see `wsi-espnet models`) or a model card YAML."),
+        click.option("--mpp", type=float, help="Analysis resolution in µm/px [default: the model card's]."),
+        click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides whose files carry none."),
+        click.option("--tile", type=int, help="Output chunk edge in analysis pixels [512]."),
+        click.option("--halo", type=int, help="Context read around each tile, in analysis pixels [96]."),
+        click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
+        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
+        click.option("--workers", type=int, help="Local Dask worker processes; 0 runs in-process [1]."),
+        click.option("--threads", type=int, help="Threads per local worker [2]."),
+        click.option(
+            "--tissue-detection/--no-tissue-detection",
+            default=None,
+            help="Infer only chunks with tissue [on].",
+        ),
+        click.option(
+            "--zarr-format", type=click.Choice(["2", "3"]), help="2: OME-NGFF 0.4; 3: NGFF 0.5 sharded."
+        ),
+        click.option("--formats", help="Exports to write: geojson,ometiff,png,html [all]; '' for none."),
+        click.option(
+            "--geojson-per-region", is_flag=True, default=None, help="One GeoJSON feature per region."
+        ),
+        click.option(
+            "--cluster", help="Cluster profile name (local, slurm, slurm-gpu, pbs, lsf, sge) or YAML."
+        ),
+        click.option("--jobs", type=int, help="Batch jobs to submit with a job-queue profile."),
+        click.option("--adapt", help="Adaptive scaling MIN:MAX jobs."),
+        click.option("--scheduler", help="Address of a running Dask scheduler (tcp://host:port)."),
+        click.option(
+            "--performance-report",
+            type=click.Path(path_type=Path),
+            help="Save Dask's performance report (HTML).",
+        ),
+        click.option("--overwrite", is_flag=True, default=None, help="Redo slides whose output is complete."),
+        click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or summary table."),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path),
+            help="YAML file with the same option names; the command line wins.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command()
+@click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--manifest", type=click.Path(path_type=Path), help="CSV with a 'slide' column (optional 'slide_mpp')."
+)
+@_segment_options
+def segment(slides: tuple[Path, ...], manifest: Path | None, outdir: Path, **options: Any) -> None:
+    """Segment whole-slide images (files or folders) into tissue classes.
+
+    For each slide, OUTDIR/<name>/ receives the OME-Zarr store (class scores and label map),
+    statistics (JSON, CSV), a QuPath GeoJSON, an OME-TIFF label image, an overlay PNG, an
+    HTML report and run.json. OUTDIR/summary.csv lists every slide's status. Re-running the same
+    command resumes interrupted slides and skips finished ones.
+    """
+
+    jobs = _collect_jobs(slides, manifest)
+    if not jobs:
+        raise click.UsageError("give at least one slide, folder or --manifest")
+    _run(jobs, outdir, options)
+
+
+@main.command()
+@click.option(
+    "-o", "--outdir", type=click.Path(path_type=Path), default=Path("wsi-espnet-demo"), show_default=True
+)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar.")
+def demo(outdir: Path, device: str, quiet: bool | None) -> None:
+    """Write a small synthetic H&E-like slide and segment it end to end.
+
+    The slide is generated (clearly synthetic, not patient data) so the demo needs no download.
+    """
+    from wsi_espnet.sample import write_sample_slide
+    from wsi_espnet.tasks import SlideJob
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    slide = write_sample_slide(
+        outdir / "synthetic-sample.tif", 4096, 3072, mpp=0.5, tissue_fraction=0.35, seed=7
+    )
+    click.echo(f"wrote synthetic sample slide {slide}", err=True)
+    _run([SlideJob(slide)], outdir, {"device": device, "quiet": quiet, "overwrite": True})
+
+
+def _run(jobs: list[Any], outdir: Path, options: dict[str, Any]) -> None:
+    from wsi_espnet.config import load_settings
+    from wsi_espnet.pipeline import run_segment
+
+    config_file = options.pop("config_file", None)
+    if options.get("zarr_format") is not None:
+        options["zarr_format"] = int(options["zarr_format"])
+    settings = load_settings(config_file, **options)
+    results = run_segment(jobs, outdir, settings)
+    failed = [r for r in results if r.status == "failed"]
+    if not settings.quiet:
+        _print_table(
+            [("SLIDE", "STATUS", "SECONDS", "TILES", "TISSUE mm²")]
+            + [
+                (r.slide.name, r.status, f"{r.seconds:.1f}", str(r.tiles_processed), _fmt(r.tissue_area_mm2))
+                for r in results
+            ]
+        )
+        click.echo(f"results in {outdir}/ (summary.csv)", err=True)
+    for result in failed:
+        click.echo(f"Error: {result.error}", err=True)
+    if failed:
+        sys.exit(1)
+
+
+def _collect_jobs(slides: tuple[Path, ...], manifest: Path | None) -> list[Any]:
+    """Expand folders into slide files; missing files become jobs that fail with a clear error."""
+    from wsi_espnet.slide import find_slides
+    from wsi_espnet.tasks import SlideJob
+
+    jobs: list[SlideJob] = []
+    for path in slides:
+        if path.is_dir():
+            jobs.extend(SlideJob(p) for p in find_slides([path]))
+        else:
+            jobs.append(SlideJob(path))
+    if manifest is not None:
+        jobs.extend(_read_manifest(manifest))
+    return jobs
+
+
+def _read_manifest(manifest: Path) -> list[Any]:
+    from wsi_espnet.tasks import SlideJob
+
+    try:
+        with open(manifest, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise SlideError(f"cannot read manifest: {exc.strerror}", manifest) from exc
+    if not rows or "slide" not in rows[0]:
+        raise SlideError("manifest needs a header with a 'slide' column", manifest)
+    jobs = []
+    for line, row in enumerate(rows, start=2):
+        path = Path(row["slide"])
+        if not path.is_absolute():
+            path = manifest.parent / path
+        mpp = (row.get("slide_mpp") or "").strip()
+        try:
+            jobs.append(SlideJob(path, float(mpp) if mpp else None))
+        except ValueError:
+            raise SlideError(f"line {line}: slide_mpp {mpp!r} is not a number", manifest) from None
+    return jobs
+
+
+@main.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--formats",
+    default="geojson,ometiff,png,html",
+    show_default=True,
+    help="Comma-separated exports to write.",
+)
+@click.option("--geojson-per-region", is_flag=True, help="One GeoJSON feature per connected region.")
+@click.option("--min-area-um2", type=float, help="Drop GeoJSON specks smaller than this (µm²).")
+@click.option("--include-scores", is_flag=True, help="Also write per-class scores as an OME-TIFF.")
+def export(
+    output: Path, formats: str, geojson_per_region: bool, min_area_um2: float | None, include_scores: bool
+) -> None:
+    """Write exports again from an existing result folder OUTDIR/<name>."""
+    from wsi_espnet.export import export_all
+
+    written = export_all(
+        output,
+        tuple(f.strip() for f in formats.split(",") if f.strip()),
+        per_region=geojson_per_region,
+        min_area_um2=min_area_um2,
+        include_scores=include_scores,
+    )
+    for paths in written.values():
+        for path in paths:
+            click.echo(str(path))
+
+
+@main.group(cls=_Group)
+def cluster() -> None:
+    """Cluster profiles for running on SLURM, PBS, LSF or SGE through dask-jobqueue."""
+
+
+@cluster.command("list")
+def cluster_list() -> None:
+    """List the shipped cluster profiles."""
+    from wsi_espnet.cluster import list_profiles
+
+    _print_table([("NAME", "KIND", "FILE")] + [(p.name, p.kind, str(p.path)) for p in list_profiles()])
+
+
+@cluster.command("show")
+@click.argument("profile")
+def cluster_show(profile: str) -> None:
+    """Print the batch job script PROFILE (a name or a YAML path) would submit."""
+    from wsi_espnet.cluster import job_script, load_profile
+
+    click.echo(job_script(load_profile(profile)))
+
+
+def _register_training() -> None:
+    from wsi_espnet.train.commands import evaluate, train
+
+    main.add_command(train)
+    main.add_command(evaluate)
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+_register_training()
