@@ -38,8 +38,20 @@ def main() -> None:
     Start with `wsi-espnet demo`, then `wsi-espnet segment SLIDE -o OUTDIR`. Results open in
     QuPath (GeoJSON, OME-TIFF) and napari (OME-Zarr); see the README.
     """
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("distributed").setLevel(logging.ERROR)
+    _configure_logging()
+
+
+def _configure_logging() -> None:
+    """Our messages (dashboard address, warnings) to stderr; Dask's chatter stays quiet."""
+    logger = logging.getLogger("wsi_espnet")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @main.command()

@@ -1,0 +1,5 @@
+"""``python -m wsi_espnet``: the same as the ``wsi-espnet`` command."""
+
+from wsi_espnet.cli import main
+
+main()
