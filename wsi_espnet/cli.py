@@ -89,7 +89,7 @@ def _segment_options(func: Any) -> Any:
         click.option("--mpp", type=float, help="Analysis resolution in µm/px [default: the model card's]."),
         click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides whose files carry none."),
         click.option("--tile", type=int, help="Output chunk edge in analysis pixels [512]."),
-        click.option("--halo", type=int, help="Context read around each tile, in analysis pixels [96]."),
+        click.option("--halo", type=int, help="Context read around each tile, in analysis pixels [256]."),
         click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
         click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
         click.option("--workers", type=int, help="Local Dask worker processes; 0 runs in-process [1]."),

@@ -26,7 +26,7 @@ class SegmentSettings:
     mpp: float | None = None  # analysis resolution; None → the model card's
     slide_mpp: float | None = None  # override for slides whose files carry no resolution
     tile: int = 512  # output chunk edge at analysis resolution
-    halo: int = 96  # context read around each tile (see README: seam agreement)
+    halo: int = 256  # context per side: tile 256 vs whole image agree on 99.95 % (README, seams)
     batch_size: int = 4
     device: str = "auto"
     workers: int = 1  # LocalCluster worker processes; 0 = in-process (debugging)

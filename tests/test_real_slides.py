@@ -1,0 +1,85 @@
+"""The real slides in ../shared/data: SVS, generic TIFF pyramid and OME-TIFF pyramid, and seams."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from wsi_espnet.config import SegmentSettings, load_settings
+from wsi_espnet.pipeline import run_segment
+from wsi_espnet.store import SlideStore
+from wsi_espnet.tasks import SlideJob
+
+SLIDES = {
+    "svs": "wsi_aperio_cmu1_small_region/CMU-1-Small-Region.svs",
+    "generic-tiff": "wsi_derived_pyramids/CMU-1-Small-Region.pyramid.tif",
+    "ome-tiff": "wsi_derived_pyramids/CMU-1-Small-Region.pyramid.ome.tif",
+}
+
+
+def _segment(slide, outdir, **overrides):
+    settings = load_settings(None, quiet=True, workers=0, **overrides)
+    result = run_segment([SlideJob(slide)], outdir, settings)[0]
+    assert result.status == "done", result.error
+    store = next(outdir.glob("*/*.ome.zarr"))
+    return SlideStore.open(store), result
+
+
+@pytest.fixture(scope="module")
+def real_runs(shared_data, tmp_path_factory):
+    runs = {}
+    for name, relative in SLIDES.items():
+        outdir = tmp_path_factory.mktemp(name)
+        runs[name] = (_segment(shared_data / relative, outdir, tile=512, formats=("geojson", "png")), outdir)
+    return runs
+
+
+@pytest.mark.parametrize("name", list(SLIDES))
+def test_real_slide_segments_completely(real_runs, name):
+    (store, result), outdir = real_runs[name]
+    assert store.status == "complete"
+    assert store.labels(0).shape == (1481, 1108)  # 2967 x 2220 level-0 px at 0.499 µm → 1 µm/px
+    run = json.loads(next(outdir.glob("*/run.json")).read_text())
+    backend = run["slide_metadata"]["backend"]
+    assert backend == ("tiffslide" if name == "ome-tiff" else "openslide")
+    assert 0.1 < result.tissue_area_mm2 < 1.5  # the crop is roughly a third tissue, ~1.6 mm² in all
+
+
+def test_three_containers_of_the_same_pixels_agree(real_runs):
+    labels = {name: real_runs[name][0][0].labels(0)[:] for name in SLIDES}
+    # Same tissue; the pyramids re-encode JPEG and are read from their LANCZOS level 1 rather than
+    # box-filtering level 0, so class borders move a little (measured: 96.9 %).
+    assert (labels["svs"] == labels["generic-tiff"]).mean() > 0.95
+    assert (labels["svs"] == labels["ome-tiff"]).mean() > 0.95
+
+
+def test_default_halo_makes_seams_invisible(shared_data, tmp_path):
+    """Labels from 256-px tiles equal those from one tile over the whole image (>= 99.9 %)."""
+    slide = shared_data / SLIDES["svs"]
+    halo = SegmentSettings().halo
+    whole, _ = _segment(slide, tmp_path / "whole", tile=1488, halo=halo, tissue_detection=False, formats=())
+    tiled, _ = _segment(slide, tmp_path / "tiled", tile=256, halo=halo, tissue_detection=False, formats=())
+    agreement = float((whole.labels(0)[:] == tiled.labels(0)[:]).mean())
+    assert agreement >= 0.999, agreement
+
+
+def test_breast_roi_is_segmented_into_its_classes(shared_data, tmp_path):
+    """A real breast-biopsy ROI, written as a slide, runs through the whole path to sane labels."""
+    import tifffile
+    from PIL import Image
+
+    roi = shared_data / "ynet_breast_biopsy"
+    image = np.asarray(Image.open(roi / "images" / "1222_1_1200_4800_4.png").convert("RGB"))
+    mask = np.asarray(Image.open(roi / "masks" / "1222_1_1200_4800_4.png"))[..., 0]
+    slide = tmp_path / "roi.tif"
+    # The file name's last number (4) puts this ROI at about 1 µm/px (PROVENANCE.md).
+    tifffile.imwrite(slide, image, photometric="rgb", resolution=(1e4, 1e4), resolutionunit="CENTIMETER")
+    store, _ = _segment(slide, tmp_path / "out", tile=128, tissue_detection=False, formats=())
+    labels = store.labels(0)[:]
+    assert labels.shape == mask.shape
+    # A sanity check of the path (reading, normalisation, stitching), not of accuracy: the ROI is
+    # all tissue, and the demo model (which saw it in training) gets most pixels' class right.
+    assert ((labels != 0) == (mask != 0)).mean() > 0.9
+    assert (labels == mask).mean() > 0.4
