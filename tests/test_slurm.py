@@ -108,3 +108,53 @@ def test_unusable_partition_fails_with_a_clear_error(slurm_available: str, tmp_p
         start_cluster(load_profile(profile_path)),
     ):
         pass
+
+
+def test_segment_on_slurm_matches_local_and_isolates_a_corrupt_slide(
+    slurm_available: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tissue_card: Path
+) -> None:
+    """Three slides, one corrupt, on two SLURM worker jobs: same labels as a LocalCluster run."""
+    import csv
+    import json
+
+    import numpy as np
+    from click.testing import CliRunner
+
+    from wsi_espnet.cli import main
+    from wsi_espnet.sample import write_sample_slide
+    from wsi_espnet.store import SlideStore
+
+    monkeypatch.chdir(tmp_path)
+    slides = [
+        write_sample_slide(tmp_path / f"case-{i}.tif", 1536, 1024, mpp=0.5, tissue_fraction=0.4, seed=i)
+        for i in range(2)
+    ]
+    corrupt = tmp_path / "case-bad.svs"
+    corrupt.write_bytes(slides[0].read_bytes()[:4096])
+    common = ["--model", str(tissue_card), "--tile", "256", "--halo", "64", "--formats", "geojson", "-q"]
+    timings = {}
+    for name, extra in {"slurm": ["--cluster", "slurm", "--jobs", "2"], "local": ["--workers", "1"]}.items():
+        start = time.perf_counter()
+        result = CliRunner().invoke(
+            main, ["segment", *map(str, [*slides, corrupt]), "-o", str(tmp_path / name), *common, *extra]
+        )
+        timings[name] = time.perf_counter() - start
+        assert result.exit_code == 1, result.output  # one slide failed
+        with open(tmp_path / name / "summary.csv") as fh:
+            status = {Path(row["slide"]).name: row for row in csv.DictReader(fh)}
+        assert (
+            status["case-bad.svs"]["status"] == "failed" and "case-bad.svs" in status["case-bad.svs"]["error"]
+        )
+        for slide in slides:
+            assert status[slide.name]["status"] == "done"
+            run = json.loads((tmp_path / name / slide.stem / "run.json").read_text())
+            assert run["status"] == "complete"
+    for slide in slides:
+        slurm = SlideStore.open(tmp_path / "slurm" / slide.stem / f"{slide.stem}.ome.zarr").labels(0)[:]
+        local = SlideStore.open(tmp_path / "local" / slide.stem / f"{slide.stem}.ome.zarr").labels(0)[:]
+        np.testing.assert_array_equal(slurm, local)
+    # Proof that SLURM ran the work: the worker jobs' own logs, named by job id (%j).
+    logs = sorted((tmp_path / "dask-logs").glob("*.err"))
+    assert len(logs) >= 2, logs
+    assert any("Start worker" in log.read_text() for log in logs)
+    print(f"3-slide wall time: SLURM {timings['slurm']:.1f} s, LocalCluster {timings['local']:.1f} s")

@@ -50,7 +50,13 @@ def _configure_logging() -> None:
         logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    for name in ("distributed", "distributed.scheduler", "distributed.worker", "distributed.core"):
+    for name in (
+        "distributed",
+        "distributed.scheduler",
+        "distributed.worker",
+        "distributed.core",
+        "tifffile",
+    ):
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
