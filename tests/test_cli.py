@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -163,3 +164,14 @@ def test_real_process_exit_code_and_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert "nope.svs" in proc.stderr and "no such file" in proc.stderr
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    """The README's first command: a synthetic slide, segmented with the shipped model."""
+    result = _run("demo", "-o", tmp_path, "-q")
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "synthetic-sample"
+    assert (folder / "synthetic-sample.report.html").is_file()
+    run = json.loads((folder / "run.json").read_text())
+    assert run["status"] == "complete" and run["model"]["trained"] is True
+    assert run["statistics"]["tissue_area_mm2"] > 0.5  # ~35 % of 2.0 x 1.5 mm

@@ -106,8 +106,9 @@ def test_one_corrupt_slide_does_not_sink_the_batch(small_slide, tissue_card, tmp
     results = run_segment(
         [SlideJob(corrupt), SlideJob(small_slide), SlideJob(text)],
         tmp_path / "out",
-        _settings(tissue_card, formats=()),
+        _settings(tissue_card, formats=(), performance_report=tmp_path / "dask-report.html"),
     )
+    assert "Dask Performance Report" in (tmp_path / "dask-report.html").read_text()
     status = {r.slide.name: r for r in results}
     assert status["small.tif"].status == "done"
     assert status["corrupt.svs"].status == "failed" and "corrupt.svs" in status["corrupt.svs"].error
