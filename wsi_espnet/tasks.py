@@ -24,7 +24,7 @@ from wsi_espnet import __version__
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import SlideError, WsiEspnetError
 from wsi_espnet.grid import Chunk, TileGrid
-from wsi_espnet.models.cards import ModelCard, load_card
+from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import SlideOutput
 from wsi_espnet.predict import get_predictor
 from wsi_espnet.slide import Slide
@@ -132,11 +132,10 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         grid = TileGrid(shape, settings.tile, settings.halo)
         selected = grid.select(tissue, mpp) if settings.tissue_detection else grid.chunks
         record = _run_record(job, output, card, settings, mpp, slide_meta, grid, len(selected))
-        store = _open_or_create_store(output, card, settings, mpp, shape, slide_meta, record)
+        _open_or_create_store(output, card, settings, mpp, shape, slide_meta, record)
         done = ProgressLog(output.progress_dir).done()
         todo = [c.index for c in selected if c.index not in done]
         output.write_run(record)
-        del store
         return SlidePlan(
             job=job,
             output=output,
@@ -185,7 +184,7 @@ def _run_record(
         "model": {
             "name": card.name,
             "card": str(card.path),
-            "card_sha256": _sha256_text(card.path),
+            "card_sha256": sha256_file(card.path),
             "weights_sha256": card.weights_sha256,
             "trained": card.trained,
             "classes": card.class_table(),
@@ -198,12 +197,6 @@ def _run_record(
             "skipped_background": len(grid.chunks) - n_selected,
         },
     }
-
-
-def _sha256_text(path: Path) -> str:
-    from wsi_espnet.models.cards import sha256_file
-
-    return sha256_file(path)
 
 
 def _store_params(card: ModelCard, settings: SegmentSettings, mpp: float, shape: tuple[int, int]) -> dict:
@@ -226,7 +219,7 @@ def _open_or_create_store(
     shape: tuple[int, int],
     slide_meta: dict[str, Any],
     record: dict[str, Any],
-) -> SlideStore:
+) -> None:
     """Resume a partial store made with the same parameters; otherwise start afresh.
 
     Only now, with the slide and model known to be usable, is an old output removed: a bad
@@ -238,7 +231,8 @@ def _open_or_create_store(
     if same and not settings.overwrite:
         record["store_params"] = params
         record["resumed"] = True
-        return SlideStore.open(output.store)
+        SlideStore.open(output.store)  # checks it is a readable wsi-espnet store
+        return
     if output.root.exists():
         if previous is not None and not settings.overwrite:
             logger.warning("%s: partial output made with other parameters; starting again", output.root)
@@ -252,7 +246,7 @@ def _open_or_create_store(
         "dimensions": list(slide_meta["dimensions"]),
         "bounds_offset": list(slide_meta.get("bounds_offset", (0, 0))),
     }
-    return SlideStore.create(
+    SlideStore.create(
         output.store,
         shape,
         settings.tile,
