@@ -9,7 +9,6 @@ import pytest
 
 from wsi_espnet.cluster import (
     ClusterError,
-    config_dir,
     dashboard_link,
     job_script,
     list_profiles,
@@ -17,6 +16,7 @@ from wsi_espnet.cluster import (
     start_cluster,
 )
 from wsi_espnet.errors import ConfigError
+from wsi_espnet.resources import config_dir
 
 SHIPPED = {"local", "slurm", "slurm-gpu", "pbs", "lsf", "sge"}
 

@@ -26,6 +26,7 @@ from dask_jobqueue.core import Job, JobQueueCluster
 from distributed import Client, LocalCluster
 
 from wsi_espnet.errors import ConfigError, WsiEspnetError
+from wsi_espnet.resources import config_dir
 
 JOBQUEUE_CLASSES: dict[str, type[JobQueueCluster]] = {
     "slurm": SLURMCluster,
@@ -101,16 +102,6 @@ class ClusterProfile:
     @property
     def is_local(self) -> bool:
         return self.kind == "local"
-
-
-def config_dir() -> Path:
-    """The package's ``configs`` folder: ``wsi_espnet/_configs`` in a wheel, ``configs/`` in a checkout.
-
-    Why both: pyproject force-includes the repository's ``configs`` as ``wsi_espnet/_configs`` so
-    an installed package finds its profiles and model cards without the source tree.
-    """
-    installed = Path(__file__).resolve().parent / "_configs"
-    return installed if installed.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
 def _profiles_dir() -> Path:
