@@ -14,7 +14,7 @@ import click
 import torch
 
 from wsi_espnet.errors import ConfigError
-from wsi_espnet.models.cards import DEFAULT_MODEL, load_card
+from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, load_card
 from wsi_espnet.train import loop
 from wsi_espnet.train.datasets import Sample, load_annotated_slides, load_folder
 from wsi_espnet.train.evaluate import evaluate_model, format_table
@@ -103,13 +103,12 @@ def train(ctx: click.Context, **options: object) -> None:
 def _evaluation_samples(
     data: tuple[Path, ...],
     annotations: tuple[Path, ...],
-    card_name: str,
+    card: ModelCard,
     data_mpp: tuple[str, ...],
     slide_mpp: float | None,
 ) -> list[Sample]:
     """DATA folders hold ``images/`` + ``masks/``; DATA files are slides whose GeoJSON comes from
     ``--annotations`` (in order) or lies beside them as ``<stem>.geojson``."""
-    card = load_card(card_name)
     folders = [d for d in data if d.is_dir()]
     slides = [d for d in data if not d.is_dir()]
     samples: list[Sample] = []
@@ -148,7 +147,7 @@ def evaluate(
     """Per-class IoU, mIoU, pixel accuracy and confusion matrix of a model on labelled DATA
     (image/mask folders, or slides with QuPath annotations: only annotated pixels count)."""
     card = load_card(model_name)
-    samples = _evaluation_samples(data, annotations, model_name, data_mpp, slide_mpp)
+    samples = _evaluation_samples(data, annotations, card, data_mpp, slide_mpp)
     dev = (
         "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     )
