@@ -52,10 +52,11 @@ class Profile:
 
 
 PROFILES = {
-    "full": Profile("full", 6144, 1024, 3, 8, 4096, 4096, (32, 64, 96, 128)),
-    "quick": Profile("quick", 2048, 1024, 1, 2, 1536, 2048, (32, 96)),
+    "full": Profile("full", 4096, 1024, 3, 2, 4096, 4096, (32, 64, 96, 128, 192, 224, 256)),
+    "quick": Profile("quick", 2048, 1024, 1, 1, 1536, 2048, (32, 96)),
+    # In-process workers (no worker process to start) and small tiles: checks the harness in CI.
     "smoke": Profile(
-        "smoke", 1024, 512, 1, 1, 768, 1024, (32,), seam_tile=128, settings={"tile": 256, "halo": 32}
+        "smoke", 1024, 512, 1, 1, 768, 1024, (), settings={"tile": 256, "halo": 32, "workers": 0}
     ),
 }
 
@@ -311,6 +312,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     size.add_argument("--smoke", action="store_true", help="tiny slides and tiles: checks the harness (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep slides and outputs here (default: a temp dir)")
+    parser.add_argument(
+        "--sections", help=f"comma-separated subset of: {', '.join(SECTIONS)} (default: all)", default=""
+    )
     args = parser.parse_args(argv)
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
     with tempfile.TemporaryDirectory(prefix="wsi-espnet-bench-") as tmp:
@@ -318,11 +322,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         work.mkdir(parents=True, exist_ok=True)
         model = bench_model(work)
         results: dict[str, Any] = {"machine": machine(), "profile": asdict(profile), "model": model}
-        for name, section in SECTIONS.items():
+        chosen = [name.strip() for name in args.sections.split(",") if name.strip()] or list(SECTIONS)
+        unknown = set(chosen) - set(SECTIONS)
+        if unknown:
+            parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+        for name in chosen:
+            section = SECTIONS[name]
             print(f"... {name}", file=sys.stderr, flush=True)
             results[name] = section(model, work, profile)
-        results["recommended_halo"] = _recommend_halo(results["seam"])
-    print(table(results))
+        results["recommended_halo"] = _recommend_halo(results.get("seam", {}))
+    if set(chosen) == set(SECTIONS):
+        print(table(results))
     if args.out:
         args.out.write_text(json.dumps(results, indent=2, default=str))
     return results

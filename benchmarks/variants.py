@@ -82,6 +82,8 @@ def efficiency(
         startup = time.perf_counter() - t0
         worker_threads = sorted(set(client.run(_worker_torch_threads).values()))
         cold = _segment(client, Path(warm_slide), out / "warm", settings)  # loads the model on the worker
+        # The bare model gets the torch threads the worker's model has: like against like.
+        torch.set_num_threads(max(worker_threads))
         rows = []
         for r in range(repeats):
             ref = model_only(
@@ -113,7 +115,10 @@ def segment_once(model: str, slide: str, outdir: str, **overrides: Any) -> dict[
 def seam(model: str, slide: str, outdir: str, tile: int, halos: list[int]) -> dict[str, Any]:
     """Agreement of ``tile``-sized chunks with each halo against one window covering the slide.
 
-    Reported over the whole image and over detected tissue (where a real run keeps labels).
+    The reference window gets the largest halo of white margin too: without it the slide's
+    top and left edges would meet the network's zero padding instead of white context, and
+    the reference itself would be wrong there. Reported over the whole image and over
+    detected tissue (where a real run keeps labels).
     """
     from wsi_espnet.models.cards import load_card
     from wsi_espnet.slide import Slide
@@ -136,7 +141,7 @@ def seam(model: str, slide: str, outdir: str, tile: int, halos: list[int]) -> di
 
     whole = 8 * math.ceil(max(shape) / 8)
     with open_client(base) as client:
-        reference, ref_wall = labels("whole", tile=whole, halo=0)
+        reference, ref_wall = labels("whole", tile=whole, halo=max(halos))
         rows = []
         for halo in halos:
             tiled, wall = labels(f"halo-{halo}", tile=tile, halo=halo)
