@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import emit
-from wsi_espnet.config import load_settings
+from wsi_espnet.config import SegmentSettings, load_settings
 from wsi_espnet.outputs import SlideOutput
 from wsi_espnet.pipeline import open_client, segment_slides
 from wsi_espnet.tasks import SlideJob
@@ -30,7 +30,7 @@ def _worker_torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def _segment(client: Any, slide: Path, outdir: Path, settings: Any) -> dict[str, Any]:
+def _segment(client: Any, slide: Path, outdir: Path, settings: SegmentSettings) -> dict[str, Any]:
     """Segment one slide on ``client``; wall clock from opening the slide to a complete store."""
     start = time.perf_counter()
     (result,) = segment_slides([SlideJob(Path(slide))], Path(outdir), settings, client)
