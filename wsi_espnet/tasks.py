@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from distributed import get_worker
 
 from wsi_espnet import __version__
 from wsi_espnet.config import SegmentSettings
@@ -269,6 +271,21 @@ def _read_windows(slide: Slide, grid: TileGrid, chunks: list[Chunk], mpp: float)
     return np.stack(windows)
 
 
+def _give_torch_the_worker_threads() -> None:
+    """Let the network use all of this worker's threads.
+
+    Dask's nanny starts workers with ``OMP_NUM_THREADS=1``, which pins PyTorch to one core
+    whatever the worker was given (measured: 1.5x slower on 2 cores). One batch runs at a time
+    behind the predictor's lock, so the worker's threads are free for the forward pass.
+    """
+    try:
+        threads = get_worker().state.nthreads
+    except ValueError:  # not inside a Dask worker
+        return
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings: SegmentSettings) -> int:
     """Read, infer and write ``chunk_indices`` of one slide; record them as done. Returns count.
 
@@ -276,6 +293,7 @@ def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings
     model, so disk and decode time hide behind compute. Each chunk is written exactly once,
     whole, by the only task that owns it: no locks and no read-modify-write.
     """
+    _give_torch_the_worker_threads()
     slide = _cached_slide(str(plan.job.path), plan.job.slide_mpp or settings.slide_mpp)
     predictor = get_predictor(_cached_card(settings.model), settings.device)
     store = SlideStore.open(plan.output.store)
