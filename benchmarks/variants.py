@@ -80,8 +80,8 @@ def efficiency(
     t0 = time.perf_counter()
     with open_client(settings) as client:
         startup = time.perf_counter() - t0
-        worker_threads = sorted(set(client.run(_worker_torch_threads).values()))
         cold = _segment(client, Path(warm_slide), out / "warm", settings)  # loads the model on the worker
+        worker_threads = sorted(set(client.run(_worker_torch_threads).values()))  # as the tasks set them
         # The bare model gets the torch threads the worker's model has: like against like.
         torch.set_num_threads(max(worker_threads))
         rows = []
@@ -107,8 +107,8 @@ def segment_once(model: str, slide: str, outdir: str, **overrides: Any) -> dict[
     t0 = time.perf_counter()
     with open_client(settings) as client:
         startup = time.perf_counter() - t0
-        threads = max(client.run(_worker_torch_threads).values())
         result = _segment(client, Path(slide), Path(outdir), settings)
+        threads = max(client.run(_worker_torch_threads).values())
     return {**result, "cluster_startup_s": startup, "worker_torch_threads": threads}
 
 
