@@ -57,3 +57,15 @@ def small_slide(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("slides")
     return write_sample_slide(folder / "small.tif", 2048, 1536, mpp=0.5, tissue_fraction=0.35, seed=3)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on tiny crops train faster on one thread, and stay fast (instead of ~10x
+    slower) when other processes share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -3,7 +3,6 @@ is a card that `segment --model` accepts."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,7 @@ from wsi_espnet.train.loop import TrainConfig, downsample_labels, initialise, tr
 ROI = "1222_1_1200_4800_4"  # scale 4: ~1.0 µm/px, the card's mpp already
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on tiny crops train faster on one thread, and stay fast (instead of ~10x
-    slower) when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from wsi_espnet.errors import AnnotationError
 from wsi_espnet.models.cards import load_card
@@ -21,14 +19,7 @@ from wsi_espnet.train.loop import TrainConfig, train
 CARD = load_card("breast-tissue-espnet")  # mpp 1.0; the slide is 0.5 µm/px, so scale = 2
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models on tiny crops train faster on one thread, and stay fast (instead of ~10x
-    slower) when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _feature(coords: list[list[float]], name: str | None) -> dict:
