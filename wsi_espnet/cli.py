@@ -283,7 +283,9 @@ def cluster_list() -> None:
     """List the shipped cluster profiles."""
     from wsi_espnet.cluster import list_profiles
 
-    _print_table([("NAME", "KIND", "FILE")] + [(p.name, p.kind, str(p.path)) for p in list_profiles()])
+    _print_table(
+        [("NAME", "KIND", "DESCRIPTION")] + [(p.name, p.kind, p.description) for p in list_profiles()]
+    )
 
 
 @cluster.command("show")
