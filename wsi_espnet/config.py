@@ -13,9 +13,8 @@ from typing import Any
 import yaml
 
 from wsi_espnet.errors import ConfigError
+from wsi_espnet.export import FORMATS as EXPORT_FORMATS
 from wsi_espnet.tissue import TissueSettings
-
-EXPORT_FORMATS = ("geojson", "ometiff", "png", "html")
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class SegmentSettings:
     zarr_format: int = 2
     formats: tuple[str, ...] = EXPORT_FORMATS
     geojson_per_region: bool = False
-    geojson_min_area_um2: float = 200.0
+    geojson_min_area_um2: float | None = None  # None: the exporter's default (100 µm²)
     chunks_per_task: int = 16  # chunks per Dask task: the unit of progress, retries and resume
     retries: int = 2  # Dask retries of a task whose worker died
     cluster: str | None = None  # cluster profile name or YAML path; None → LocalCluster

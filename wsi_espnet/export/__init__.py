@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 
 from wsi_espnet.errors import ConfigError, OutputError, WsiEspnetError
+from wsi_espnet.models.cards import ClassInfo
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +37,6 @@ BACKGROUND = 0
 STORE_SUFFIX = ".ome.zarr"
 FORMATS = ("geojson", "ometiff", "png", "html")
 THUMBNAIL_SIDE = 1600  # px: large enough to read the overlay, small enough to embed in the report
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One tissue class of the model: label value, name and display colour (RGB 0..255)."""
-
-    value: int
-    name: str
-    color: tuple[int, int, int]
 
 
 @dataclass(frozen=True)

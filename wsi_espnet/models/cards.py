@@ -18,7 +18,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -260,8 +259,3 @@ def write_card(card_fields: dict[str, Any], path: Path, weights: Path) -> ModelC
     fields["weights"] = {"file": str(rel), "sha256": sha256_file(Path(weights))}
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return load_card(path)
-
-
-def class_colors(card: ModelCard) -> np.ndarray:
-    """(C, 3) uint8 palette indexed by class value."""
-    return np.array([c.color for c in card.classes], dtype=np.uint8)
