@@ -81,7 +81,8 @@ class SlideOutput:
             shutil.rmtree(self.root)
 
 
-def write_json_atomic(path: Path, record: dict[str, Any]) -> None:
+def write_json_atomic(path: Path, record: Any) -> None:
+    """Write JSON to a temporary file, then rename it into place: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     temp.write_text(json.dumps(record, indent=2, default=str))

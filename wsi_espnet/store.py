@@ -21,8 +21,6 @@ pixel offsets where the scales belong; ours are in micrometres per pixel on ever
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import numpy as np
 import zarr
 
 from wsi_espnet.errors import OutputError
+from wsi_espnet.outputs import write_json_atomic
 
 ATTRS_KEY = "wsi_espnet"
 STATUSES = ("running", "complete")
@@ -367,11 +366,8 @@ class ProgressLog:
 
     def record(self, batch_id: str, chunk_indices: Iterable[Sequence[int]]) -> None:
         """Mark ``chunk_indices`` (iy, ix) as written; call after the batch's chunks are on disk."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        final = self.directory / f"batch-{batch_id}.json"
-        temp = self.directory / f".{final.name}.{uuid.uuid4().hex}.tmp"
-        temp.write_text(json.dumps([[int(iy), int(ix)] for iy, ix in chunk_indices]))
-        os.replace(temp, final)
+        indices = [[int(iy), int(ix)] for iy, ix in chunk_indices]
+        write_json_atomic(self.directory / f"batch-{batch_id}.json", indices)
 
     def done(self) -> set[tuple[int, int]]:
         """All chunk indices recorded so far (empty when the directory does not exist yet)."""
