@@ -298,8 +298,7 @@ def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings
     predictor = get_predictor(_cached_card(settings.model), settings.device)
     store = SlideStore.open(plan.output.store)
     grid = TileGrid(plan.shape, settings.tile, settings.halo)
-    by_index = {c.index: c for c in grid.chunks}
-    chunks = [by_index[tuple(i)] for i in chunk_indices]
+    chunks = [grid.chunk((int(iy), int(ix))) for iy, ix in chunk_indices]
     batches = [chunks[i : i + settings.batch_size] for i in range(0, len(chunks), settings.batch_size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reader:
         pending = reader.submit(_read_windows, slide, grid, batches[0], plan.mpp)
