@@ -23,7 +23,7 @@ from typing import Any
 
 from benchmarks.common import REAL_SLIDE, bench_model, run_variant, sample_slide
 from wsi_espnet.config import SegmentSettings
-from wsi_espnet.tasks import versions
+from wsi_espnet.runstate import versions
 
 
 @dataclass(frozen=True)

@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from benchmarks.common import emit
+from wsi_espnet.cluster import open_client
 from wsi_espnet.config import SegmentSettings, load_settings
 from wsi_espnet.outputs import SlideOutput
-from wsi_espnet.pipeline import open_client, segment_slides
-from wsi_espnet.tasks import SlideJob
+from wsi_espnet.pipeline import segment_slides
+from wsi_espnet.runstate import SlideJob
 
 
 def _worker_torch_threads() -> int:

@@ -9,6 +9,7 @@ import pytest
 
 from wsi_espnet.cluster import (
     ClusterError,
+    connect_scheduler,
     dashboard_link,
     job_script,
     list_profiles,
@@ -148,7 +149,7 @@ def test_local_cluster_from_local_yaml_runs_tasks() -> None:
         assert client.submit(operator.mul, 6, 7).result() == 42
         assert isinstance(dashboard_link(client), str)
         # A second client attaches to the running scheduler by address (--scheduler-address).
-        with start_cluster(None, scheduler_address=client.scheduler.address) as attached:
+        with connect_scheduler(client.scheduler.address) as attached:
             assert attached.submit(operator.add, 1, 2).result() == 3
     assert client.status == "closed"
 
@@ -156,6 +157,6 @@ def test_local_cluster_from_local_yaml_runs_tasks() -> None:
 def test_unreachable_scheduler_address_is_a_clear_error() -> None:
     with (
         pytest.raises(ClusterError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1:9"),
-        start_cluster(None, scheduler_address="tcp://127.0.0.1:9", connect_timeout=1),
+        connect_scheduler("tcp://127.0.0.1:9", timeout=1),
     ):
         pass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from wsi_espnet.grid import Chunk, TileGrid, level0_box
+from wsi_espnet.grid import Chunk, TileGrid
 from wsi_espnet.sample import write_sample_slide
 from wsi_espnet.slide import Slide
 from wsi_espnet.tissue import TissueMask, detect_tissue
@@ -32,9 +32,6 @@ def test_windows_are_one_size_and_centred_on_their_core():
         y, x, h, w = grid.window(chunk)
         assert (h, w) == (320, 320)
         assert (y, x) == (chunk.y0 - 32, chunk.x0 - 32)
-        rows, cols = grid.core(chunk)
-        assert (rows.stop - rows.start, cols.stop - cols.start) == (chunk.h, chunk.w)
-        assert (rows.start, cols.start) == (32, 32)
 
 
 def test_slide_smaller_than_one_tile_is_one_partial_chunk():
@@ -67,11 +64,6 @@ def test_tissue_under_a_halo_only_does_not_select_the_chunk():
 def test_empty_mask_selects_nothing():
     grid = TileGrid((300, 300), tile=128, halo=0)
     assert grid.select(_mask(np.zeros((20, 20)), 16.0), 1.0) == []
-
-
-def test_level0_box_scales_the_core():
-    chunk = Chunk((1, 2), 512, 1024, 512, 300)
-    assert level0_box(chunk, 2.004) == pytest.approx((1024 * 2.004, 512 * 2.004, 1324 * 2.004, 1024 * 2.004))
 
 
 def test_selection_on_a_sample_slide_follows_its_tissue(tmp_path):

@@ -11,8 +11,8 @@ import zarr
 
 from wsi_espnet.config import load_settings
 from wsi_espnet.pipeline import run_segment
+from wsi_espnet.runstate import SlideJob
 from wsi_espnet.store import SlideStore
-from wsi_espnet.tasks import SlideJob
 
 
 def _settings(card, **overrides):

@@ -9,8 +9,8 @@ import pytest
 
 from wsi_espnet.config import SegmentSettings, load_settings
 from wsi_espnet.pipeline import run_segment
+from wsi_espnet.runstate import SlideJob
 from wsi_espnet.store import SlideStore
-from wsi_espnet.tasks import SlideJob
 
 SLIDES = {
     "svs": "wsi_aperio_cmu1_small_region/CMU-1-Small-Region.svs",
@@ -101,7 +101,7 @@ def test_real_slide_exports_open_in_qupath_and_read_back(real_runs):
     (store, _), _ = real_runs["svs"]
     folder = store.path.parent
     labels = store.labels(0)[:]
-    values = {c["name"]: c["value"] for c in store.classes}
+    values = {c.name: c.value for c in store.classes}
 
     def round_trip(path):
         collection = json.loads(path.read_text())

@@ -17,8 +17,8 @@ import yaml
 
 from wsi_espnet.config import load_settings
 from wsi_espnet.pipeline import run_segment
+from wsi_espnet.runstate import SlideJob
 from wsi_espnet.store import SlideStore
-from wsi_espnet.tasks import SlideJob
 
 # 128-px chunks, two per task: 48 chunks in 24 recorded batches, so there is time to interrupt.
 RUN = {"tile": 128, "halo": 64, "chunks_per_task": 2, "batch_size": 2, "formats": [], "quiet": True}

@@ -11,6 +11,7 @@ import pytest
 from scipy import ndimage
 from skimage import measure
 
+from wsi_espnet.grid import TileGrid
 from wsi_espnet.stats import compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
@@ -23,6 +24,7 @@ CLASSES = [
 ]
 SHAPE = (150, 170)  # 5 x 6 chunks of 32, ragged at the bottom and right
 TILE = 32
+GRID = TileGrid(SHAPE, TILE, 0)
 MPP = 2.0
 TISSUE_MPP = 8.0  # the tissue mask is 4x coarser than the label map
 SCALE = 4.0  # level-0 pixels per analysis pixel (slide at 0.5 µm/px)
@@ -57,7 +59,7 @@ def _tissue() -> TissueMask:
 
 def _store(tmp_path: Path, labels: np.ndarray) -> SlideStore:
     slide = {"mpp": MPP / SCALE, "dimensions": [SHAPE[1] * 4 - 3, SHAPE[0] * 4 - 2]}
-    store = SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES, attrs={"slide": slide})
+    store = SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES, attrs={"slide": slide})
     for iy in range(-(-SHAPE[0] // TILE)):
         for ix in range(-(-SHAPE[1] // TILE)):
             block = labels[iy * TILE : (iy + 1) * TILE, ix * TILE : (ix + 1) * TILE]
@@ -164,7 +166,7 @@ def test_region_across_four_chunks_and_diagonal_corner_counted_once(tmp_path: Pa
 
 
 def test_all_background_gives_zero_areas(tmp_path: Path) -> None:
-    store = SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES)  # nothing written
+    store = SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES)  # nothing written
     stats = compute_statistics(store, _tissue(), SCALE)
     assert stats["tissue_area_mm2"] == 0.0 and stats["tissue_pixels"] == 0
     for row in stats["classes"]:

@@ -15,16 +15,20 @@ from ome_zarr.reader import Reader
 from scipy import stats as scipy_stats
 
 from wsi_espnet.errors import OutputError
-from wsi_espnet.store import ProgressLog, SlideStore, pyramid_shapes
+from wsi_espnet.grid import TileGrid
+from wsi_espnet.ngff import pyramid_shapes
+from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.store import SlideStore
 
 CLASSES = [
     {"value": 0, "name": "background", "color": [255, 255, 255]},
     {"value": 1, "name": "epithelium", "color": [0, 160, 0]},
-    {"value": 2, "name": "stroma", "color": "#F5BE6E"},
+    {"value": 2, "name": "stroma", "color": [245, 190, 110]},
 ]
-ATTRS = {"model": {"name": "demo", "sha256": "ab" * 32}, "halo": 16, "slide": {"vendor": "synthetic"}}
+ATTRS = {"model": {"name": "demo", "sha256": "ab" * 32}, "slide": {"vendor": "synthetic"}}
 SHAPE = (1100, 700)  # 3 levels: 1100 -> 550 -> 275; odd edges on levels 1 and 2
 TILE = 256
+GRID = TileGrid(SHAPE, TILE, 0)
 MPP = 2.0
 
 
@@ -38,7 +42,12 @@ def _chunk(store: SlideStore, iy: int, ix: int, seed: int) -> tuple[np.ndarray, 
 
 def _filled(tmp_path: Path, zarr_format: int) -> SlideStore:
     store = SlideStore.create(
-        tmp_path / "slide.ome.zarr", SHAPE, TILE, MPP, CLASSES, zarr_format=zarr_format, attrs=ATTRS
+        tmp_path / "slide.ome.zarr",
+        TileGrid(SHAPE, TILE, 16),
+        MPP,
+        CLASSES,
+        zarr_format=zarr_format,
+        attrs=ATTRS,
     )
     for iy in range(-(-SHAPE[0] // TILE)):
         for ix in range(-(-SHAPE[1] // TILE)):
@@ -156,7 +165,7 @@ def test_attributes_block_and_status(filled: SlideStore) -> None:
 
 
 def test_unwritten_chunks_read_as_background(tmp_path: Path) -> None:
-    store = SlideStore.create(tmp_path / "s.ome.zarr", (600, 600), TILE, MPP, CLASSES)
+    store = SlideStore.create(tmp_path / "s.ome.zarr", TileGrid((600, 600), TILE, 0), MPP, CLASSES)
     scores, labels = _chunk(store, 2, 2, seed=1)  # 88 x 88 bottom-right edge chunk
     store.write_chunk((2, 2), scores, labels)
     np.testing.assert_array_equal(store.labels(0)[512:, 512:], labels)
@@ -172,9 +181,9 @@ def test_open_rejects_what_is_not_our_store(tmp_path: Path) -> None:
     zarr.create_group(str(tmp_path / "other.zarr"), attributes={"multiscales": []})
     with pytest.raises(OutputError, match=r"other\.zarr.*not a wsi-espnet store"):
         SlideStore.open(tmp_path / "other.zarr")
-    SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES)
+    SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES)
     with pytest.raises(OutputError, match="already exists"):
-        SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES)
+        SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES)
 
 
 def _write_one(store: SlideStore, index: tuple[int, int]) -> int:
@@ -186,7 +195,7 @@ def _write_one(store: SlideStore, index: tuple[int, int]) -> int:
 def test_concurrent_writers_in_separate_processes(tmp_path: Path, zarr_format: int) -> None:
     from distributed import Client, LocalCluster
 
-    store = SlideStore.create(tmp_path / "s.ome.zarr", SHAPE, TILE, MPP, CLASSES, zarr_format=zarr_format)
+    store = SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES, zarr_format=zarr_format)
     indices = [(iy, ix) for iy in range(5) for ix in range(3)]
     with (
         LocalCluster(n_workers=2, threads_per_worker=2, processes=True, dashboard_address=":0") as cluster,

@@ -11,17 +11,15 @@ process instead, handy in a debugger); to reuse one cluster for many calls, open
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-
-import zarr
 
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.outputs import SlideOutput
 from wsi_espnet.pipeline import run_segment
+from wsi_espnet.runstate import SlideJob
 from wsi_espnet.sample import write_sample_slide
-from wsi_espnet.tasks import SlideJob
+from wsi_espnet.store import open_store
 
 
 def main(slide: Path | None, outdir: Path) -> int:
@@ -37,8 +35,8 @@ def main(slide: Path | None, outdir: Path) -> int:
 
     # "done", or "skipped" when an earlier run already finished this slide: read its outputs.
     output = SlideOutput.for_slide(outdir, slide)
-    labels = zarr.open_group(output.store, mode="r")["labels/tissue/0"]  # class per analysis pixel
-    stats = json.loads(output.stats_json.read_text())
+    labels = open_store(output.store).labels(0)  # class per analysis pixel, read lazily
+    stats = output.read_stats()
     print(f"{slide.name}: {result.status}, label map {labels.shape} at {stats['mpp']} µm/px")
     print(f"tissue area {stats['tissue_area_mm2']:.2f} mm²; per class: {output.stats_csv}")
     print(f"open {output.store} in napari, or import the GeoJSON in {output.root} into QuPath")

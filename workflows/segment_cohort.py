@@ -14,27 +14,14 @@ interrupted slides and skips finished ones.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-from wsi_espnet.cluster import dashboard_link, load_profile, start_cluster
-from wsi_espnet.config import load_settings, parse_adapt
+from wsi_espnet.cluster import dashboard_link, load_profile, open_client
+from wsi_espnet.config import ClusterSettings, load_settings, parse_adapt
+from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.pipeline import segment_slides
-from wsi_espnet.tasks import SlideJob
-
-
-def read_manifest(manifest: Path) -> list[SlideJob]:
-    """One SlideJob per CSV row; relative slide paths are relative to the manifest's folder."""
-    with open(manifest, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
-    jobs = []
-    for row in rows:
-        path = Path(row["slide"])
-        path = path if path.is_absolute() else manifest.parent / path
-        mpp = (row.get("slide_mpp") or "").strip()
-        jobs.append(SlideJob(path, float(mpp) if mpp else None))
-    return jobs
+from wsi_espnet.runstate import read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,12 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, help="segment settings YAML (same keys as the CLI options)")
     args = parser.parse_args(argv)
 
-    jobs = read_manifest(args.manifest)
-    settings = load_settings(args.config)
-    profile = load_profile(args.cluster)
-    with start_cluster(profile, jobs=None if profile.is_local else args.jobs, adapt=args.adapt) as client:
-        print(f"{len(jobs)} slides on profile {profile.name!r}; dashboard: {dashboard_link(client)}")
-        results = segment_slides(jobs, args.outdir, settings, client)
+    try:
+        jobs = read_manifest(args.manifest)
+        settings = load_settings(args.config)
+        profile = load_profile(args.cluster)
+        # The profile decides workers and threads; a job count only applies to job queues.
+        cluster = ClusterSettings(
+            str(profile.path),
+            workers=None,
+            threads=None,
+            jobs=None if profile.is_local else args.jobs,
+            adapt=args.adapt,
+        )
+        with open_client(cluster) as client:
+            print(f"{len(jobs)} slides on profile {profile.name!r}; dashboard: {dashboard_link(client)}")
+            results = segment_slides(jobs, args.outdir, settings, client)
+    except WsiEspnetError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     failed = [r for r in results if r.status == "failed"]
     for result in failed:
         print(f"failed: {result.error}", file=sys.stderr)

@@ -6,7 +6,6 @@ A user mistake (any :class:`~wsi_espnet.errors.WsiEspnetError`) prints one line,
 
 from __future__ import annotations
 
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Any
 import click
 
 from wsi_espnet import __version__
-from wsi_espnet.errors import SlideError, WsiEspnetError
+from wsi_espnet.errors import WsiEspnetError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -169,8 +168,8 @@ def demo(outdir: Path, device: str, quiet: bool | None) -> None:
 
     The slide is generated (clearly synthetic, not patient data) so the demo needs no download.
     """
+    from wsi_espnet.runstate import SlideJob
     from wsi_espnet.sample import write_sample_slide
-    from wsi_espnet.tasks import SlideJob
 
     outdir.mkdir(parents=True, exist_ok=True)
     slide = write_sample_slide(
@@ -207,8 +206,8 @@ def _run(jobs: list[Any], outdir: Path, options: dict[str, Any]) -> None:
 
 def _collect_jobs(slides: tuple[Path, ...], manifest: Path | None) -> list[Any]:
     """Expand folders into slide files; missing files become jobs that fail with a clear error."""
+    from wsi_espnet.runstate import SlideJob, read_manifest
     from wsi_espnet.slide import find_slides
-    from wsi_espnet.tasks import SlideJob
 
     jobs: list[SlideJob] = []
     for path in slides:
@@ -217,30 +216,7 @@ def _collect_jobs(slides: tuple[Path, ...], manifest: Path | None) -> list[Any]:
         else:
             jobs.append(SlideJob(path))
     if manifest is not None:
-        jobs.extend(_read_manifest(manifest))
-    return jobs
-
-
-def _read_manifest(manifest: Path) -> list[Any]:
-    from wsi_espnet.tasks import SlideJob
-
-    try:
-        with open(manifest, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError as exc:
-        raise SlideError(f"cannot read manifest: {exc.strerror}", manifest) from exc
-    if not rows or "slide" not in rows[0]:
-        raise SlideError("manifest needs a header with a 'slide' column", manifest)
-    jobs = []
-    for line, row in enumerate(rows, start=2):
-        path = Path(row["slide"])
-        if not path.is_absolute():
-            path = manifest.parent / path
-        mpp = (row.get("slide_mpp") or "").strip()
-        try:
-            jobs.append(SlideJob(path, float(mpp) if mpp else None))
-        except ValueError:
-            raise SlideError(f"line {line}: slide_mpp {mpp!r} is not a number", manifest) from None
+        jobs.extend(read_manifest(manifest))
     return jobs
 
 
@@ -259,14 +235,12 @@ def export(
     output: Path, formats: str, geojson_per_region: bool, min_area_um2: float | None, include_scores: bool
 ) -> None:
     """Write exports again from an existing result folder OUTDIR/<name>."""
+    from wsi_espnet.config import OutputSettings
     from wsi_espnet.export import export_all
 
+    names = tuple(f.strip() for f in formats.split(",") if f.strip())
     written = export_all(
-        output,
-        tuple(f.strip() for f in formats.split(",") if f.strip()),
-        per_region=geojson_per_region,
-        min_area_um2=min_area_um2,
-        include_scores=include_scores,
+        output, settings=OutputSettings(names, geojson_per_region, min_area_um2, include_scores)
     )
     for paths in written.values():
         for path in paths:

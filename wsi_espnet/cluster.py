@@ -1,5 +1,8 @@
 """Cluster profiles: a small YAML file per site that says where Dask workers run.
 
+``open_client`` is the one place that chooses and starts the Dask client of a run (a running
+scheduler, a profile's cluster, or workers in this process).
+
 Why YAML profiles: the same ``wsi-espnet segment`` command should run on a laptop, a SLURM GPU
 partition or a PBS queue; only the profile changes. Profile keys are the constructor arguments of
 ``distributed.LocalCluster`` or of the matching dask-jobqueue class (``SLURMCluster``,
@@ -20,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from dask_jobqueue import LSFCluster, PBSCluster, SGECluster, SLURMCluster
 from dask_jobqueue.core import Job, JobQueueCluster
 from distributed import Client, LocalCluster
 
-from wsi_espnet.errors import ConfigError, WsiEspnetError
-from wsi_espnet.resources import config_dir
+from wsi_espnet.config import ClusterSettings, SegmentSettings, check_adapt
+from wsi_espnet.errors import ClusterError, ConfigError
+from wsi_espnet.resources import find_named, load_yaml, packaged
 
 JOBQUEUE_CLASSES: dict[str, type[JobQueueCluster]] = {
     "slurm": SLURMCluster,
@@ -79,10 +82,6 @@ RENAMED = {
 DEFAULT_WORKER_TIMEOUT = {"local": 60.0, "jobqueue": 600.0}
 
 
-class ClusterError(WsiEspnetError):
-    """The cluster could not be started or reached (no scheduler, no worker arrived)."""
-
-
 @dataclass(frozen=True)
 class ClusterProfile:
     """A validated cluster profile.
@@ -104,29 +103,9 @@ class ClusterProfile:
         return self.kind == "local"
 
 
-def _profiles_dir() -> Path:
-    return config_dir() / "clusters"
-
-
 def list_profiles() -> list[ClusterProfile]:
     """All profiles shipped with the package, sorted by name."""
-    return [load_profile(path) for path in sorted(_profiles_dir().glob("*.yaml"))]
-
-
-def _resolve(name_or_path: str | Path) -> Path:
-    text = str(name_or_path)
-    if isinstance(name_or_path, Path) or text.endswith((".yaml", ".yml")) or "/" in text:
-        path = Path(name_or_path).expanduser()
-        if not path.is_file():
-            raise ConfigError("cluster profile file not found", path)
-        return path
-    path = _profiles_dir() / f"{text}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in _profiles_dir().glob("*.yaml"))) or "none"
-        raise ConfigError(
-            f"unknown cluster profile {text!r} (known: {known}; or give a path to a .yaml file)"
-        )
-    return path
+    return [load_profile(path) for path in packaged("clusters")]
 
 
 def _allowed_keys(kind: str) -> frozenset[str]:
@@ -158,15 +137,8 @@ def _check_key(path: Path, kind: str, key: object, allowed: frozenset[str]) -> N
 
 def load_profile(name_or_path: str | Path) -> ClusterProfile:
     """Load and validate a profile by name (shipped with the package) or by path to a YAML file."""
-    path = _resolve(name_or_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", path) from exc
-    if not isinstance(data, dict):
-        raise ConfigError("a cluster profile must be a YAML mapping of keys to values", path)
+    path = find_named(name_or_path, "clusters", ConfigError, "cluster profile")
+    data = load_yaml(path, ConfigError, "a YAML mapping of keys to values")
     kind = data.get("kind")
     if kind not in KINDS:
         raise ConfigError(f"key 'kind' must be one of {', '.join(KINDS)} (got {kind!r})", path)
@@ -259,19 +231,52 @@ def _make_cluster(
 
 
 @contextlib.contextmanager
+def open_client(settings: ClusterSettings | SegmentSettings) -> Iterator[Client]:
+    """The Dask client a run uses: a running scheduler, a cluster profile, or a LocalCluster.
+
+    ``workers=0`` runs everything in this process (threads only), which makes a debugger and
+    ``print`` work inside tasks. ``workers``/``threads`` override a local profile's.
+    """
+    if isinstance(settings, SegmentSettings):
+        settings = settings.cluster_settings
+    if settings.scheduler is not None:
+        with connect_scheduler(settings.scheduler) as client:
+            yield client
+        return
+    if settings.cluster is None and settings.workers == 0:
+        with (
+            LocalCluster(n_workers=1, threads_per_worker=settings.threads, processes=False) as cluster,
+            Client(cluster) as client,
+        ):
+            yield client
+        return
+    profile = load_profile(settings.cluster or "local")
+    local = {"workers": settings.workers, "threads": settings.threads} if profile.is_local else {}
+    with start_cluster(profile, jobs=settings.jobs, adapt=settings.adapt, **local) as client:
+        yield client
+
+
+@contextlib.contextmanager
+def connect_scheduler(address: str, timeout: float = 30.0) -> Iterator[Client]:
+    """A client of the running Dask scheduler at ``address`` (waiting up to ``timeout`` seconds)."""
+    try:
+        client = Client(address, timeout=timeout)
+    except OSError as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {address}: {exc}") from exc
+    with client:
+        yield client
+
+
+@contextlib.contextmanager
 def start_cluster(
-    profile: ClusterProfile | None,
+    profile: ClusterProfile,
     jobs: int | None = None,
     adapt: tuple[int, int] | None = None,
-    scheduler_address: str | None = None,
     workers: int | None = None,
     threads: int | None = None,
-    connect_timeout: float = 30.0,
 ) -> Iterator[Client]:
-    """Start the profile's cluster (or connect to a running scheduler) and yield a client.
+    """Start the profile's cluster and yield a client of it.
 
-    * ``scheduler_address``: connect to an existing scheduler (waiting up to ``connect_timeout``
-      seconds); the profile is not used.
     * local profiles: a LocalCluster; ``workers``/``threads`` override the profile.
     * job queue profiles: submit ``jobs`` jobs (default: the profile's ``jobs``), or with
       ``adapt=(minimum_jobs, maximum_jobs)`` let Dask submit and cancel jobs as work comes and goes.
@@ -280,26 +285,15 @@ def start_cluster(
     starts our jobs fails with a message instead of hanging. Everything (client, scheduler, jobs)
     is closed on exit.
     """
-    if adapt is not None and (adapt[0] < 0 or adapt[1] < max(adapt[0], 1)):
-        raise ConfigError(f"adapt needs 0 <= minimum <= maximum and maximum >= 1 (got {adapt})")
+    if adapt is not None:
+        check_adapt(adapt)
     if jobs is not None and jobs < 1:
         raise ConfigError(f"jobs must be at least 1 (got {jobs})")
     if jobs is not None and adapt is not None:
         raise ConfigError("give a fixed number of jobs or adaptive scaling (adapt), not both")
+    if profile.is_local and jobs is not None:
+        raise ConfigError("jobs apply to job queue profiles; use workers for a local profile", profile.path)
     with contextlib.ExitStack() as stack:
-        if scheduler_address is not None:
-            try:
-                client = stack.enter_context(Client(scheduler_address, timeout=connect_timeout))
-            except OSError as exc:
-                raise ClusterError(f"cannot reach the Dask scheduler at {scheduler_address}: {exc}") from exc
-            yield client
-            return
-        if profile is None:
-            raise ConfigError("give a cluster profile or a scheduler address")
-        if profile.is_local and jobs is not None:
-            raise ConfigError(
-                "jobs apply to job queue profiles; use workers for a local profile", profile.path
-            )
         cluster = _make_cluster(profile, workers, threads)
         stack.callback(_close_cluster, cluster)
         if adapt is not None:

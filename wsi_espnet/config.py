@@ -1,7 +1,10 @@
-"""One settings object for a segmentation run: defaults < YAML file (``--config``) < command line.
+"""The settings of a segmentation run: defaults < YAML file (``--config``) < command line.
 
 The YAML file uses the command-line option names (``batch-size`` or ``batch_size`` both work), so
-a user can move any option from a command into a file without translating it.
+a user can move any option from a command into a file without translating it. The user sees one
+flat :class:`SegmentSettings`; each part of the run receives only its share of it:
+:class:`InferenceSettings` go to the tasks that infer, :class:`OutputSettings` to finalise and
+the exporters, :class:`ClusterSettings` to ``cluster.py``. This module imports nothing heavy.
 """
 
 from __future__ import annotations
@@ -10,11 +13,41 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from wsi_espnet.errors import ConfigError
-from wsi_espnet.export import FORMATS as EXPORT_FORMATS
+from wsi_espnet.outputs import FORMATS as EXPORT_FORMATS
+from wsi_espnet.resources import load_yaml
 from wsi_espnet.tissue import TissueSettings
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """What an infer task needs besides its slide's plan: which model, where, how many at once."""
+
+    model: str
+    device: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What finalise writes besides the store and statistics: the exports and their options."""
+
+    formats: tuple[str, ...] = EXPORT_FORMATS
+    geojson_per_region: bool = False
+    geojson_min_area_um2: float | None = None  # None: the exporter's default (100 µm²)
+    include_scores: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """Where the Dask workers run (``cluster.open_client``); None leaves it to the profile."""
+
+    cluster: str | None = None  # profile name or YAML path; None → LocalCluster
+    scheduler: str | None = None  # address of a running Dask scheduler
+    workers: int | None = 1  # LocalCluster worker processes; 0 = in-process (debugging)
+    threads: int | None = 2
+    jobs: int | None = None
+    adapt: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +101,23 @@ class SegmentSettings:
             )
         if self.workers < 0 or self.threads < 1:
             raise ConfigError("--workers must be >= 0 and --threads >= 1")
+        if self.adapt is not None:
+            check_adapt(self.adapt)
         return self
+
+    @property
+    def inference(self) -> InferenceSettings:
+        return InferenceSettings(self.model, self.device, self.batch_size)
+
+    @property
+    def outputs(self) -> OutputSettings:
+        return OutputSettings(self.formats, self.geojson_per_region, self.geojson_min_area_um2)
+
+    @property
+    def cluster_settings(self) -> ClusterSettings:
+        return ClusterSettings(
+            self.cluster, self.scheduler, self.workers, self.threads, self.jobs, self.adapt
+        )
 
     def as_record(self) -> dict[str, Any]:
         """JSON-able dict of every parameter (for run.json)."""
@@ -116,8 +165,14 @@ def parse_adapt(text: str) -> tuple[int, int]:
         lo, hi = (int(v) for v in text.split(":"))
     except ValueError:
         raise ConfigError(f"--adapt expects MIN:MAX (e.g. 1:8), got {text!r}") from None
-    if not 0 <= lo <= hi:
-        raise ConfigError(f"--adapt needs 0 <= MIN <= MAX, got {text!r}")
+    return check_adapt((lo, hi))
+
+
+def check_adapt(adapt: tuple[int, int]) -> tuple[int, int]:
+    """Adaptive scaling needs 0 <= MIN <= MAX and MAX >= 1 (0:0 would never start a worker)."""
+    lo, hi = adapt
+    if not (0 <= lo <= hi and hi >= 1):
+        raise ConfigError(f"adapt needs 0 <= minimum <= maximum and maximum >= 1 (got {lo}:{hi})")
     return lo, hi
 
 
@@ -125,14 +180,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> SegmentS
     """Merge defaults, the YAML file and the command line's explicitly given options."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            raw = yaml.safe_load(Path(config_file).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file: {exc.strerror}", config_file) from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"not valid YAML: {str(exc).splitlines()[0]}", config_file) from exc
-        if not isinstance(raw, dict):
-            raise ConfigError("config file must be a YAML mapping of option: value", config_file)
+        raw = load_yaml(Path(config_file), ConfigError, "a YAML mapping of option: value", empty_ok=True)
         values.update(_coerce(_normalise_keys(raw, config_file), config_file))
     values.update(_coerce({k: v for k, v in overrides.items() if v is not None}, "command line"))
     try:

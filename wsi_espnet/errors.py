@@ -37,3 +37,7 @@ class OutputError(WsiEspnetError):
 
 class AnnotationError(WsiEspnetError):
     """A QuPath GeoJSON annotation file cannot be used for training or evaluation."""
+
+
+class ClusterError(WsiEspnetError):
+    """The cluster could not be started or reached (no scheduler, no worker arrived)."""

@@ -1,4 +1,4 @@
-"""The output chunk grid at analysis resolution, its halo windows, and level-0 coordinates.
+"""The output chunk grid at analysis resolution and its halo windows.
 
 Output chunks are the unit of work and of storage: each is inferred from one fixed-size window
 (the chunk plus a ``halo`` of context on every side, so tiles batch and borders see their
@@ -65,10 +65,6 @@ class TileGrid:
         size = self.tile + 2 * self.halo
         return chunk.y0 - self.halo, chunk.x0 - self.halo, size, size
 
-    def core(self, chunk: Chunk) -> tuple[slice, slice]:
-        """Where ``chunk``'s own pixels sit inside its window (drop the halo and edge overhang)."""
-        return slice(self.halo, self.halo + chunk.h), slice(self.halo, self.halo + chunk.w)
-
     def select(self, tissue: TissueMask, mpp: float) -> list[Chunk]:
         """Chunks whose core (not halo) holds tissue, judged as :meth:`TissueMask.region` would.
 
@@ -93,17 +89,3 @@ def _mask_indices(start: int, length: int, ratio: float, limit: int) -> np.ndarr
     """Distinct mask indices hit by analysis pixels [start, start + length) (nearest, as region())."""
     idx = np.unique(np.floor((np.arange(start, start + length) + 0.5) * ratio).astype(np.int64))
     return idx[(idx >= 0) & (idx < limit)]
-
-
-def level0_box(chunk: Chunk, scale: float) -> tuple[float, float, float, float]:
-    """(x0, y0, x1, y1) in level-0 pixels of ``chunk``'s core; ``scale`` = mpp / slide_mpp.
-
-    Analysis pixel i covers level-0 [i * scale, (i + 1) * scale), the convention of
-    :meth:`Slide.read_region`, so the box is exact (fractional) rather than rounded.
-    """
-    return (
-        chunk.x0 * scale,
-        chunk.y0 * scale,
-        (chunk.x0 + chunk.w) * scale,
-        (chunk.y0 + chunk.h) * scale,
-    )

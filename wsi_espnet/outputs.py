@@ -1,9 +1,11 @@
-"""Where one slide's results go, and the two small JSON/CSV records that describe a run.
+"""Where one slide's results go: the folder, its files, and the small JSON records in it.
 
-``OUTDIR/<stem>/`` holds the store, statistics, exports, ``run.json`` (provenance and status) and
+``OUTDIR/<stem>/`` holds the store ``<stem>.ome.zarr`` (see ``store.py``), statistics
+(``<stem>.stats.json``, ``.stats.csv``), the exports, ``run.json`` (provenance and status) and
 ``.progress/`` (which chunks are safely written). ``OUTDIR/summary.csv`` has one row per slide.
-``run.json`` is written atomically (temp file + rename) so an interrupted run never leaves a
-record that claims to be complete.
+Every JSON record is written atomically (temp file + rename) so an interrupted run never leaves
+a record that claims to be complete. This module is the only one that knows these names, and it
+imports nothing heavy, so configuration and exports can use it on any machine.
 """
 
 from __future__ import annotations
@@ -13,18 +15,24 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SLIDE_SUFFIXES = (".ome.tiff", ".ome.tif")
+from wsi_espnet.errors import OutputError
+
+OME_SUFFIXES = (".ome.tif", ".ome.tiff")
+STORE_SUFFIX = ".ome.zarr"
+#: The exports ``segment`` and ``export`` can write (names only: the writers live in ``export/``).
+FORMATS = ("geojson", "ometiff", "png", "html")
 SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "tiles_processed", "tissue_area_mm2", "output")
 
 
 def slide_stem(path: Path) -> str:
     """``CMU-1.ome.tif`` → ``CMU-1``: the name of the slide's output folder and files."""
     name = path.name
-    for suffix in SLIDE_SUFFIXES:
+    for suffix in OME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
@@ -32,7 +40,7 @@ def slide_stem(path: Path) -> str:
 
 @dataclass(frozen=True)
 class SlideOutput:
-    """Paths of one slide's outputs under ``OUTDIR/<stem>/``."""
+    """Paths of one slide's outputs under ``OUTDIR/<stem>/``, and its JSON records."""
 
     root: Path
     stem: str
@@ -42,9 +50,18 @@ class SlideOutput:
         stem = slide_stem(slide)
         return cls(Path(outdir) / stem, stem)
 
+    @classmethod
+    def of_store(cls, store: Path) -> SlideOutput:
+        """The folder a store ``<dir>/<stem>.ome.zarr`` belongs to."""
+        return cls(Path(store).parent, Path(store).name[: -len(STORE_SUFFIX)])
+
+    def file(self, suffix: str) -> Path:
+        """``<root>/<stem><suffix>``, e.g. ``file(".geojson")``."""
+        return self.root / f"{self.stem}{suffix}"
+
     @property
     def store(self) -> Path:
-        return self.root / f"{self.stem}.ome.zarr"
+        return self.file(STORE_SUFFIX)
 
     @property
     def run_json(self) -> Path:
@@ -52,21 +69,23 @@ class SlideOutput:
 
     @property
     def stats_json(self) -> Path:
-        return self.root / f"{self.stem}.stats.json"
+        return self.file(".stats.json")
 
     @property
     def stats_csv(self) -> Path:
-        return self.root / f"{self.stem}.stats.csv"
+        return self.file(".stats.csv")
 
     @property
     def progress_dir(self) -> Path:
         return self.root / ".progress"
 
     def read_run(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.run_json.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
+        """``run.json``, or None when absent; invalid JSON is an :class:`OutputError`."""
+        return read_json(self.run_json)
+
+    def read_stats(self) -> dict[str, Any] | None:
+        """``<stem>.stats.json``, or None when statistics were not written."""
+        return read_json(self.stats_json)
 
     def is_complete(self) -> bool:
         run = self.read_run()
@@ -81,12 +100,67 @@ class SlideOutput:
             shutil.rmtree(self.root)
 
 
+def find_store(target: str | Path) -> Path:
+    """Resolve ``<dir>/<stem>.ome.zarr``, ``<dir>/<stem>`` or a folder holding exactly one store."""
+    target = Path(target)
+    if target.name.endswith(STORE_SUFFIX) and target.is_dir():
+        return target
+    with_suffix = target.with_name(target.name + STORE_SUFFIX)
+    if with_suffix.is_dir():
+        return with_suffix
+    if target.is_dir():
+        stores = sorted(target.glob(f"*{STORE_SUFFIX}"))
+        if len(stores) == 1:
+            return stores[0]
+        if stores:
+            names = ", ".join(s.name[: -len(STORE_SUFFIX)] for s in stores)
+            raise OutputError(f"holds several slide stores ({names}); name one as DIR/<stem>", target)
+    raise OutputError(
+        f"no {STORE_SUFFIX} store found (expected DIR/<stem> or DIR/<stem>{STORE_SUFFIX})", target
+    )
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON record, or None when the file does not exist; unreadable JSON names the file."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise OutputError(f"not valid JSON ({error})", path) from error
+
+
 def write_json_atomic(path: Path, record: Any) -> None:
     """Write JSON to a temporary file, then rename it into place: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     temp.write_text(json.dumps(record, indent=2, default=str))
     os.replace(temp, path)
+
+
+class ProgressLog:
+    """Which chunks are safely on disk: one small JSON file per finished batch.
+
+    A record is written atomically (:func:`write_json_atomic`), so a worker killed mid-write
+    leaves no record and those chunks are simply redone.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+
+    def record(self, batch_id: str, chunk_indices: Iterable[Sequence[int]]) -> None:
+        """Mark ``chunk_indices`` (iy, ix) as written; call after the batch's chunks are on disk."""
+        indices = [[int(iy), int(ix)] for iy, ix in chunk_indices]
+        write_json_atomic(self.directory / f"batch-{batch_id}.json", indices)
+
+    def done(self) -> set[tuple[int, int]]:
+        """All chunk indices recorded so far (empty when the directory does not exist yet)."""
+        if not self.directory.is_dir():
+            return set()
+        chunks: set[tuple[int, int]] = set()
+        for record in self.directory.glob("batch-*.json"):
+            chunks.update((iy, ix) for iy, ix in json.loads(record.read_text()))
+        return chunks
 
 
 def write_summary(outdir: Path, rows: list[dict[str, Any]]) -> Path:

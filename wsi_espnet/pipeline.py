@@ -20,22 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from distributed import Client, Future, LocalCluster, as_completed, performance_report
+from distributed import Client, Future, as_completed, performance_report
 from tqdm.auto import tqdm
 
-from wsi_espnet.cluster import dashboard_link, load_profile, start_cluster
+from wsi_espnet.cluster import dashboard_link, open_client
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import OutputError
 from wsi_espnet.outputs import SlideOutput, slide_stem, write_summary
-from wsi_espnet.tasks import (
-    SlideFailure,
-    SlideJob,
-    SlidePlan,
-    SlideSummary,
-    infer_chunks,
-    prepare_slide,
-    run_finalise,
-)
+from wsi_espnet.runstate import Done, Failed, Outcome, Skipped, SlideJob, SlidePlan
+from wsi_espnet.tasks import infer_chunks, prepare_slide, run_finalise
 
 logger = logging.getLogger(__name__)
 
@@ -89,10 +82,75 @@ class _SlideTracker:
         self.started = time.perf_counter()
         self.result: SlideResult | None = None
 
-    def finish(self, status: str, error: str = "", **fields: Any) -> None:
-        if self.result is None:  # the first outcome wins (e.g. the first failing batch)
-            seconds = time.perf_counter() - self.started
-            self.result = SlideResult(self.job.path, status, error, seconds, **fields)
+    def finish(self, outcome: Outcome) -> None:
+        """Record the slide's outcome; the first one wins (e.g. the first failing batch)."""
+        if self.result is not None:
+            return
+        seconds = time.perf_counter() - self.started
+        match outcome:
+            case Failed(error=error):
+                self.result = SlideResult(self.job.path, "failed", error, seconds)
+            case Skipped(tissue_area_mm2=area):
+                message = "already complete (use --overwrite to redo)"
+                self.result = SlideResult(self.job.path, "skipped", message, seconds, tissue_area_mm2=area)
+            case Done():
+                for warning in outcome.warnings:
+                    logger.warning(warning)
+                self.result = SlideResult(
+                    self.job.path, "done", "", seconds, outcome.tiles_processed, outcome.tissue_area_mm2
+                )
+
+
+class _CohortRun:
+    """The client's side of one run: which future belongs to which slide, and what comes next."""
+
+    def __init__(self, client: Client, outdir: Path, settings: SegmentSettings, bar: tqdm) -> None:
+        self.client, self.outdir, self.settings, self.bar = client, outdir, settings, bar
+        self.resources = _gpu_resources(client)
+        self.futures = as_completed()
+        self.owner: dict[Future, SlideJob] = {}
+
+    def submit(self, job: SlideJob, func: Any, *args: Any, **options: Any) -> Future:
+        future = self.client.submit(func, *args, pure=False, retries=self.settings.retries, **options)
+        self.owner[future] = job
+        self.futures.add(future)
+        return future
+
+    def run(self, trackers: dict[SlideJob, _SlideTracker]) -> None:
+        """Submit every slide's prepare task, then react to each result as it arrives."""
+        for job, tracker in trackers.items():
+            if tracker.result is None:
+                self.submit(job, prepare_slide, job, self.outdir, self.settings)
+        for future in self.futures:
+            job = self.owner.pop(future)
+            try:
+                value = future.result()
+            except Exception as exc:  # a task crashed (worker lost too often, or a bug)
+                value = Failed(job, f"{job.path}: {type(exc).__name__}: {exc}".splitlines()[0])
+            if isinstance(value, SlidePlan):
+                self.schedule(future, value)
+            elif isinstance(value, int):
+                self.bar.update(value)
+            else:
+                trackers[job].finish(value)
+
+    def schedule(self, plan_future: Future, plan: SlidePlan) -> None:
+        """After ``prepare``: submit the slide's chunk tasks and its finalise task."""
+        self.bar.total += len(plan.todo)
+        self.bar.refresh()
+        step, inference = self.settings.chunks_per_task, self.settings.inference
+        infer_futures = [
+            self.submit(
+                plan.job,
+                infer_chunks,
+                plan_future,
+                plan.todo[i : i + step],
+                inference,
+                resources=self.resources,
+            )
+            for i in range(0, len(plan.todo), step)
+        ]
+        self.submit(plan.job, run_finalise, plan_future, self.settings.outputs, *infer_futures)
 
 
 def segment_slides(
@@ -103,34 +161,9 @@ def segment_slides(
     check_output_dir(outdir)
     trackers = {job: _SlideTracker(job) for job in jobs}
     _fail_duplicate_stems(trackers)
-    resources = _gpu_resources(client)
-    futures = as_completed()
-    role: dict[Future, tuple[str, SlideJob]] = {}
-    for job, tracker in trackers.items():
-        if tracker.result is None:
-            fut = client.submit(prepare_slide, job, outdir, settings, pure=False, retries=settings.retries)
-            role[fut] = ("prepare", job)
-            futures.add(fut)
     bar = tqdm(total=0, unit="tile", desc="segment", disable=settings.quiet, dynamic_ncols=True)
     try:
-        for fut in futures:
-            kind, job = role.pop(fut)
-            tracker = trackers[job]
-            try:
-                value = fut.result()
-            except Exception as exc:  # a task crashed (worker lost too often, bug, unreadable tile)
-                tracker.finish("failed", f"{job.path}: {type(exc).__name__}: {exc}".splitlines()[0])
-                continue
-            if kind == "prepare":
-                for new in _schedule(client, fut, value, tracker, settings, resources, bar):
-                    role[new[0]] = (new[1], job)
-                    futures.add(new[0])
-            elif kind == "infer":
-                bar.update(value)
-            elif isinstance(value, SlideFailure):
-                tracker.finish("failed", value.error)
-            else:
-                _report_done(tracker, value)
+        _CohortRun(client, outdir, settings, bar).run(trackers)
     finally:
         bar.close()
         results = [t.result or SlideResult(t.job.path, "failed", "interrupted") for t in trackers.values()]
@@ -140,58 +173,13 @@ def segment_slides(
     return results
 
 
-def _schedule(
-    client: Client,
-    plan_future: Future,
-    plan: SlidePlan | SlideFailure,
-    tracker: _SlideTracker,
-    settings: SegmentSettings,
-    resources: dict[str, int] | None,
-    bar: tqdm,
-) -> Iterator[tuple[Future, str]]:
-    """After ``prepare``: submit the slide's chunk tasks and its finalise task."""
-    if isinstance(plan, SlideFailure):
-        tracker.finish("failed", plan.error)
-        return
-    if plan.skipped:
-        area = (plan.record.get("statistics") or {}).get("tissue_area_mm2")
-        tracker.finish("skipped", "already complete (use --overwrite to redo)", tissue_area_mm2=area)
-        return
-    bar.total += len(plan.todo)
-    bar.refresh()
-    step = settings.chunks_per_task
-    infer_futures = []
-    for i in range(0, len(plan.todo), step):
-        fut = client.submit(
-            infer_chunks,
-            plan_future,
-            plan.todo[i : i + step],
-            settings,
-            pure=False,
-            retries=settings.retries,
-            resources=resources,
-        )
-        infer_futures.append(fut)
-        yield fut, "infer"
-    final = client.submit(
-        run_finalise, plan_future, settings, *infer_futures, pure=False, retries=settings.retries
-    )
-    yield final, "finalise"
-
-
-def _report_done(tracker: _SlideTracker, summary: SlideSummary) -> None:
-    for warning in summary.warnings:
-        logger.warning(warning)
-    tracker.finish("done", tiles_processed=summary.tiles_processed, tissue_area_mm2=summary.tissue_area_mm2)
-
-
 def _fail_duplicate_stems(trackers: dict[SlideJob, _SlideTracker]) -> None:
     """Two slides named alike would write into one folder: the later ones fail up front."""
     seen: dict[str, Path] = {}
     for job, tracker in trackers.items():
         stem = slide_stem(job.path)
         if stem in seen:
-            tracker.finish("failed", f"{job.path}: same output name '{stem}' as {seen[stem]}; rename one")
+            tracker.finish(Failed(job, f"{job.path}: same output name '{stem}' as {seen[stem]}; rename one"))
         else:
             seen[stem] = job.path
 
@@ -204,33 +192,6 @@ def maybe_performance_report(path: Path | None) -> Iterator[None]:
     else:
         with performance_report(filename=str(path)):
             yield
-
-
-@contextlib.contextmanager
-def open_client(settings: SegmentSettings) -> Iterator[Client]:
-    """The Dask client a run uses: a running scheduler, a cluster profile, or a LocalCluster.
-
-    ``--workers 0`` runs everything in this process (threads only), which makes a debugger
-    and ``print`` work inside tasks.
-    """
-    if settings.scheduler is None and settings.cluster is None and settings.workers == 0:
-        with (
-            LocalCluster(n_workers=1, threads_per_worker=settings.threads, processes=False) as cluster,
-            Client(cluster) as client,
-        ):
-            yield client
-        return
-    profile = load_profile(settings.cluster or "local")
-    local = profile.is_local and settings.scheduler is None
-    with start_cluster(
-        profile,
-        jobs=settings.jobs,
-        adapt=settings.adapt,
-        scheduler_address=settings.scheduler,
-        workers=settings.workers if local else None,
-        threads=settings.threads if local else None,
-    ) as client:
-        yield client
 
 
 def run_segment(jobs: list[SlideJob], outdir: Path, settings: SegmentSettings) -> list[SlideResult]:

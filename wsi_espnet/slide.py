@@ -29,9 +29,9 @@ import tiffslide
 from PIL import Image
 
 from wsi_espnet.errors import SlideError
+from wsi_espnet.outputs import OME_SUFFIXES
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 
 # A level counts as "not coarser" than the request if its downsample exceeds the wanted one by
 # less than this: generic TIFF pyramids report e.g. 2.0003 for a nominal 2x level.

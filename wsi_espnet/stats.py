@@ -35,10 +35,11 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from skimage import measure
 
+from wsi_espnet.classes import BACKGROUND, ClassInfo
+from wsi_espnet.grid import Chunk
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
 
-BACKGROUND = 0
 CONNECTIVITY = 8
 N_VALUES = 256  # uint8 labels
 CSV_COLUMNS = ("label", "name", "pixels", "area_mm2", "fraction_of_tissue", "regions", "largest_region_mm2")
@@ -61,14 +62,10 @@ class _ChunkPartial:
     fragment_boxes: dict[int, tuple[int, int, int, int]]  # id -> (y0, x0, y1, x1) analysis px
 
 
-def _chunk_partial(
-    labels: zarr.Array, tissue: TissueMask, mpp: float, tile: int, index: tuple[int, int]
-) -> _ChunkPartial:
+def _chunk_partial(labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk) -> _ChunkPartial:
     """Count, label and measure one stored chunk (runs as one Dask task)."""
-    iy, ix = index
-    y0, x0 = iy * tile, ix * tile
-    block = np.asarray(labels[y0 : y0 + tile, x0 : x0 + tile])
-    h, w = block.shape
+    y0, x0, h, w = chunk.y0, chunk.x0, chunk.h, chunk.w
+    block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
     components = measure.label(block, background=BACKGROUND, connectivity=2)
     n = int(components.max())
     sizes = np.bincount(components.ravel(), minlength=n + 1)[1:]
@@ -85,7 +82,7 @@ def _chunk_partial(
         if s is not None
     }
     return _ChunkPartial(
-        index=index,
+        index=chunk.index,
         counts=np.bincount(block.ravel(), minlength=N_VALUES),
         sizes=sizes,
         classes=classes[1:],
@@ -174,7 +171,11 @@ def _level0_box(
 
 
 def _fragment_table(
-    parts: list[_ChunkPartial], classes: list[dict], mpp: float, scale: float, limits: tuple[int, int] | None
+    parts: list[_ChunkPartial],
+    classes: tuple[ClassInfo, ...],
+    mpp: float,
+    scale: float,
+    limits: tuple[int, int] | None,
 ) -> list[dict[str, Any]]:
     """One row per tissue fragment that reaches the analysis grid."""
     counts = sum(p.fragment_counts for p in parts)
@@ -188,9 +189,9 @@ def _fragment_table(
         pixels = int(counts[fid].sum())
         tissue = int(counts[fid].sum() - counts[fid][BACKGROUND])
         fractions = {
-            c["name"]: (int(counts[fid][c["value"]]) / tissue if tissue else 0.0)
+            c.name: (int(counts[fid][c.value]) / tissue if tissue else 0.0)
             for c in classes
-            if c["value"] != BACKGROUND
+            if c.value != BACKGROUND
         }
         rows.append(
             {
@@ -214,13 +215,9 @@ def compute_statistics(
     converts fragment boxes to the slide's own pixels. Each stored chunk is one Dask task
     (``client`` when given, else local threads); only per-chunk partials reach this process.
     """
-    mpp, tile = store.mpp, store.tile
-    labels = store.labels(0)
-    grid = [
-        (iy, ix) for iy in range(-(-labels.shape[0] // tile)) for ix in range(-(-labels.shape[1] // tile))
-    ]
+    mpp, labels = store.mpp, store.labels(0)
     tissue_node = dask.delayed(tissue, pure=True)
-    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, tile, index) for index in grid]
+    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c) for c in store.grid.chunks]
     parts: list[_ChunkPartial] = list(
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
     )
@@ -229,16 +226,14 @@ def compute_statistics(
     region_sizes, region_classes = _merge_regions({p.index: p for p in parts})
     tissue_pixels = int(counts.sum() - counts[BACKGROUND])
     rows = []
-    for cls in store.classes:
-        value = cls["value"]
-        if value == BACKGROUND:
-            continue
+    for cls in store.tissue_classes:
+        value = cls.value
         pixels = int(counts[value])
         of_class = region_sizes[region_classes == value]
         rows.append(
             {
                 "label": value,
-                "name": cls["name"],
+                "name": cls.name,
                 "pixels": pixels,
                 "area_mm2": pixels * mpp**2 / 1e6,
                 "fraction_of_tissue": pixels / tissue_pixels if tissue_pixels else 0.0,

@@ -1,11 +1,11 @@
-"""The stitched result of one slide: an OME-Zarr store written chunk by chunk, and a resume log.
+"""The stitched result of one slide: an OME-Zarr store written chunk by chunk, read by everything after.
 
 Layout of ``<stem>.ome.zarr`` (all at analysis resolution ``mpp``)::
 
     /                  image: per-class scores uint8 (c, y, x) = round(softmax * 255), a pyramid
     /labels/tissue     image-label: argmax class uint8 (y, x), the same pyramid, class colours
-
-Two on-disk formats, so the store opens in today's viewers and in NGFF 0.5 tools:
+    attribute wsi_espnet: model, classes, mpp, tile, halo, slide {path, mpp, dimensions,
+                       bounds_offset}, status
 
 * ``zarr_format=2`` (default) writes OME-NGFF 0.4: one file per chunk, chunk = one tile.
 * ``zarr_format=3`` writes OME-NGFF 0.5 (metadata under ``"ome"``) with sharding. A shard is the
@@ -14,114 +14,33 @@ Two on-disk formats, so the store opens in today's viewers and in NGFF 0.5 tools
   therefore the tile: the pipeline writes one whole shard per tile, which needs no read and no
   lock, and the inner chunks (tile / 2) only make viewer reads finer.
 
-The NGFF metadata is written here rather than with ome-zarr-py's writers because those put
-pixel offsets where the scales belong; ours are in micrometres per pixel on every level.
+:class:`SlideStore` is the one reader and writer of this layout: workers write chunks through
+it, statistics iterate its :attr:`~SlideStore.grid`, and :func:`open_store` hands one open,
+checked store to every exporter. The NGFF metadata comes from ``ngff.py``, the pyramid from
+``pyramid.py``, the folder around the store from ``outputs.py``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import dask
-import dask.array as da
 import numpy as np
 import zarr
 
+from wsi_espnet.classes import BACKGROUND, ClassInfo, as_class_infos
 from wsi_espnet.errors import OutputError
-from wsi_espnet.outputs import write_json_atomic
+from wsi_espnet.grid import Chunk, TileGrid
+from wsi_espnet.ngff import LABEL_NAME, ngff_metadata, pyramid_shapes
+from wsi_espnet.outputs import SlideOutput, find_store
+from wsi_espnet.pyramid import build_levels, write_unit
 
 ATTRS_KEY = "wsi_espnet"
 STATUSES = ("running", "complete")
-LABEL_NAME = "tissue"
-MIN_PYRAMID_SIDE = 512
-
-
-def _rgb(color: Any) -> list[int]:
-    """Normalise a class colour given as ``"#rrggbb"`` or a sequence of 3-4 ints to [r, g, b]."""
-    if isinstance(color, str):
-        text = color.lstrip("#")
-        if len(text) != 6:
-            raise ValueError(f"class colour {color!r} is not '#rrggbb'")
-        return [int(text[i : i + 2], 16) for i in (0, 2, 4)]
-    values = [int(v) for v in color]
-    if len(values) not in (3, 4) or not all(0 <= v <= 255 for v in values):
-        raise ValueError(f"class colour {color!r} is not 3-4 values in 0..255")
-    return values[:3]
-
-
-def _class_dicts(classes: Iterable[Any]) -> list[dict[str, Any]]:
-    """Classes as JSON dicts ``{"value", "name", "color": [r, g, b]}``, from dicts or objects."""
-    out = []
-    for cls in classes:
-        get = cls.get if isinstance(cls, Mapping) else lambda key, c=cls: getattr(c, key)
-        out.append({"value": int(get("value")), "name": str(get("name")), "color": _rgb(get("color"))})
-    return out
-
-
-def pyramid_shapes(shape: tuple[int, int]) -> list[tuple[int, int]]:
-    """Level shapes, halving (rounding up) until the long side is at most 512 px."""
-    shapes = [tuple(int(s) for s in shape)]
-    while max(shapes[-1]) > MIN_PYRAMID_SIDE:
-        shapes.append(tuple((s + 1) // 2 for s in shapes[-1]))
-    return shapes  # type: ignore[return-value]
-
-
-def _multiscale(
-    name: str, axes: list[str], mpp: float, n_levels: int, method: str, version: str | None
-) -> dict:
-    """One NGFF ``multiscales`` entry: scale in µm/px per level, axes with units."""
-    axis_meta = [
-        {"name": a, "type": "channel"} if a == "c" else {"name": a, "type": "space", "unit": "micrometer"}
-        for a in axes
-    ]
-    datasets = []
-    for level in range(n_levels):
-        step = mpp * 2**level
-        scale = [1.0 if a == "c" else step for a in axes]
-        datasets.append(
-            {"path": str(level), "coordinateTransformations": [{"type": "scale", "scale": scale}]}
-        )
-    entry: dict[str, Any] = {"name": name, "axes": axis_meta, "datasets": datasets, "type": method}
-    if version is not None:
-        entry["version"] = version
-    return entry
-
-
-def _omero(classes: list[dict]) -> dict:
-    """Channel rendering hints (one channel per class, its colour) for OMERO-aware viewers."""
-    channels = [
-        {
-            "label": c["name"],
-            "color": "".join(f"{v:02X}" for v in c["color"]),
-            "window": {"min": 0, "max": 255, "start": 0, "end": 255},
-            "active": True,
-            "coefficient": 1,
-            "family": "linear",
-            "inverted": False,
-        }
-        for c in classes
-    ]
-    return {"channels": channels, "rdefs": {"model": "color"}}
-
-
-def _image_label(classes: list[dict], version: str | None) -> dict:
-    """``image-label`` block: colours and names keyed by label value, pointing back at the image."""
-    block: dict[str, Any] = {
-        "colors": [{"label-value": c["value"], "rgba": [*c["color"], 255]} for c in classes],
-        "properties": [{"label-value": c["value"], "name": c["name"]} for c in classes],
-        "source": {"image": "../../"},
-    }
-    if version is not None:
-        block["version"] = version
-    return block
-
-
-def _wrap(attrs: dict, zarr_format: int) -> dict:
-    """NGFF 0.4 keeps metadata at the top level; 0.5 nests it under ``"ome"`` with the version."""
-    return attrs if zarr_format == 2 else {"ome": {"version": "0.5", **attrs}}
+STORE_ATTRS = frozenset({"model", "slide"})
 
 
 class SlideStore:
@@ -138,76 +57,63 @@ class SlideStore:
     def create(
         cls,
         path: str | Path,
-        shape: tuple[int, int],
-        tile: int,
+        grid: TileGrid,
         mpp: float,
         classes: Iterable[Any],
         zarr_format: int = 2,
         attrs: Mapping[str, Any] | None = None,
-        *,
-        overwrite: bool = False,
     ) -> SlideStore:
-        """Create the empty store (all levels, full metadata, ``status: running``).
+        """Create the empty store for ``grid`` (all levels, full metadata, ``status: running``).
 
-        ``attrs`` fills the rest of the ``wsi_espnet`` block: ``model`` (``{"name", "sha256"}``),
-        ``halo`` (int) and ``slide`` (any JSON-able dict, e.g. ``Slide.metadata()``). Unwritten
-        chunks read as 0 (the background class), so chunks without tissue are never written.
+        ``attrs`` fills the rest of the ``wsi_espnet`` block: ``model`` (``{"name", "sha256"}``)
+        and ``slide`` (any JSON-able dict, e.g. ``Slide.metadata()``). Unwritten chunks read as 0
+        (the background class), so chunks without tissue are never written.
         """
         path = Path(path)
         if zarr_format not in (2, 3):
             raise OutputError(f"zarr_format must be 2 or 3, not {zarr_format}", path)
-        if path.exists() and not overwrite:
+        if path.exists():
             raise OutputError("already exists; remove it or overwrite it", path)
-        class_list = _class_dicts(classes)
-        shapes = pyramid_shapes(shape)
-        version = "0.4" if zarr_format == 2 else None
         extra = dict(attrs or {})
-        unknown = set(extra) - {"model", "halo", "slide"}
-        if unknown:
-            raise ValueError(f"unknown store attributes {sorted(unknown)}; use model, halo, slide")
+        if set(extra) - STORE_ATTRS:
+            raise ValueError(f"unknown store attributes {sorted(set(extra) - STORE_ATTRS)}; use model, slide")
+        class_infos = as_class_infos(classes)
+        shapes = pyramid_shapes(grid.shape)
         model = extra.get("model") or {}
         block = {
             "model": {"name": str(model.get("name", "")), "sha256": str(model.get("sha256", ""))},
-            "classes": class_list,
+            "classes": [c.as_dict() for c in class_infos],
             "mpp": float(mpp),
-            "tile": int(tile),
-            "halo": int(extra.get("halo", 0)),
+            "tile": int(grid.tile),
+            "halo": int(grid.halo),
             "slide": dict(extra.get("slide") or {}),
             "status": "running",
         }
-        root_meta = {
-            "multiscales": [_multiscale("scores", ["c", "y", "x"], mpp, len(shapes), "mean 2x2", version)],
-            "omero": _omero(class_list),
-        }
+        meta = ngff_metadata(class_infos, mpp, len(shapes), zarr_format)
         root = zarr.create_group(
-            str(path),
-            zarr_format=zarr_format,
-            overwrite=True,
-            attributes={**_wrap(root_meta, zarr_format), ATTRS_KEY: block},
+            str(path), zarr_format=zarr_format, overwrite=True, attributes={**meta.image, ATTRS_KEY: block}
         )
-        labels_group = root.create_group("labels", attributes=_wrap({"labels": [LABEL_NAME]}, zarr_format))
-        label_meta = {
-            "multiscales": [_multiscale(LABEL_NAME, ["y", "x"], mpp, len(shapes), "mode 2x2", version)],
-            "image-label": _image_label(class_list, version),
-        }
-        tissue = labels_group.create_group(LABEL_NAME, attributes=_wrap(label_meta, zarr_format))
-        n_classes = len(class_list)
+        tissue = root.create_group("labels", attributes=meta.labels).create_group(
+            LABEL_NAME, attributes=meta.label_image
+        )
         for level, (h, w) in enumerate(shapes):
-            _create_array(root, str(level), (n_classes, h, w), tile, zarr_format)
-            _create_array(tissue, str(level), (h, w), tile, zarr_format)
+            _create_array(root, str(level), (len(class_infos), h, w), grid.tile, zarr_format)
+            _create_array(tissue, str(level), (h, w), grid.tile, zarr_format)
         return cls(path, root)
 
     @classmethod
-    def open(cls, path: str | Path) -> SlideStore:
-        """Open an existing store for reading and writing; not ours → :class:`OutputError`."""
+    def open(cls, path: str | Path, mode: str = "r+") -> SlideStore:
+        """Open an existing store (``mode="r"`` to only read); not ours → :class:`OutputError`."""
         path = Path(path)
         try:
-            group = zarr.open_group(str(path), mode="r+")
+            group = zarr.open_group(str(path), mode=mode)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError) as err:
             raise OutputError("is not a zarr group (not a wsi-espnet store)", path) from err
-        if ATTRS_KEY not in group.attrs:
+        if not isinstance(group.attrs.get(ATTRS_KEY), dict):
             raise OutputError(f"has no '{ATTRS_KEY}' attributes (not a wsi-espnet store)", path)
         return cls(path, group)
+
+    # --- metadata -------------------------------------------------------------------------
 
     @property
     def attrs(self) -> dict:
@@ -230,15 +136,39 @@ class SlideStore:
 
     @property
     def mpp(self) -> float:
+        """Analysis µm/px of level 0."""
         return float(self.attrs["mpp"])
+
+    @property
+    def slide_mpp(self) -> float:
+        """Level-0 µm/px of the slide the store was made from."""
+        return float(self.attrs["slide"]["mpp"])
+
+    @property
+    def scale(self) -> float:
+        """Level-0 slide pixels per analysis pixel."""
+        return self.mpp / self.slide_mpp
+
+    @property
+    def bounds_offset(self) -> tuple[int, int]:
+        """``openslide.bounds-x/y`` of the slide (level-0 px), (0, 0) when it has none."""
+        x, y = self.attrs.get("slide", {}).get("bounds_offset") or (0, 0)
+        return int(x), int(y)
 
     @property
     def tile(self) -> int:
         return int(self.attrs["tile"])
 
+    @cached_property
+    def classes(self) -> tuple[ClassInfo, ...]:
+        return as_class_infos(self.attrs["classes"])
+
     @property
-    def classes(self) -> list[dict[str, Any]]:
-        return list(self.attrs["classes"])
+    def tissue_classes(self) -> tuple[ClassInfo, ...]:
+        """The classes that can be exported (all but background)."""
+        return tuple(c for c in self.classes if c.value != BACKGROUND)
+
+    # --- arrays ---------------------------------------------------------------------------
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -246,8 +176,16 @@ class SlideStore:
         return tuple(self.labels(0).shape)  # type: ignore[return-value]
 
     @property
+    def grid(self) -> TileGrid:
+        """The level-0 chunk grid the store was written in (one chunk = one write unit)."""
+        return TileGrid(self.shape, self.tile, int(self.attrs.get("halo", 0)))
+
+    @cached_property
     def n_levels(self) -> int:
-        return len(pyramid_shapes(self.shape))
+        n = 0
+        while f"labels/{LABEL_NAME}/{n}" in self._group:
+            n += 1
+        return n
 
     def labels(self, level: int = 0) -> zarr.Array:
         """The argmax class map (y, x) uint8 of pyramid ``level``."""
@@ -257,123 +195,120 @@ class SlideStore:
         """The per-class scores (c, y, x) uint8 of pyramid ``level``."""
         return self._group[str(level)]  # type: ignore[return-value]
 
+    def level_mpp(self, level: int) -> float:
+        """µm per pixel of pyramid ``level`` (each level halves the resolution)."""
+        return self.mpp * 2**level
+
+    def finest_level_within(self, max_side: int) -> int:
+        """The finest pyramid level whose larger side is at most ``max_side`` (else the coarsest)."""
+        for level in range(self.n_levels):
+            if max(self.labels(level).shape) <= max_side:
+                return level
+        return self.n_levels - 1
+
+    def iter_chunks(self, level: int = 0) -> Iterator[Chunk]:
+        """The stored blocks (shards, else chunks) of ``level``: reading one at a time bounds memory."""
+        array = self.labels(level)
+        unit = write_unit(array)
+        if unit[0] != unit[1]:
+            raise OutputError(f"level {level} has non-square chunks {unit}", self.path)
+        yield from TileGrid(tuple(array.shape), unit[0], 0).chunks  # type: ignore[arg-type]
+
+    def iter_label_chunks(self, level: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(y0, x0, block)`` for every stored block of the label map of ``level``."""
+        array = self.labels(level)
+        for chunk in self.iter_chunks(level):
+            yield chunk.y0, chunk.x0, array[chunk.y0 : chunk.y0 + chunk.h, chunk.x0 : chunk.x0 + chunk.w]
+
+    # --- the folder around the store ------------------------------------------------------
+
+    @property
+    def output(self) -> SlideOutput:
+        return SlideOutput.of_store(self.path)
+
+    @property
+    def store_path(self) -> Path:
+        return self.path
+
+    @property
+    def stem(self) -> str:
+        return self.output.stem
+
+    @property
+    def directory(self) -> Path:
+        return self.output.root
+
+    @property
+    def stats_path(self) -> Path:
+        return self.output.stats_json
+
+    def read_run(self) -> dict[str, Any] | None:
+        """``run.json`` of the output folder, or None when absent."""
+        return self.output.read_run()
+
+    def read_stats(self) -> dict[str, Any] | None:
+        """``<stem>.stats.json``, read once per open store (every exporter shares it)."""
+        if not hasattr(self, "_stats"):
+            self._stats = self.output.read_stats()
+        return self._stats
+
+    # --- writing --------------------------------------------------------------------------
+
     def write_chunk(self, chunk_index: tuple[int, int], scores: np.ndarray, labels: np.ndarray) -> None:
         """Write exactly level-0 chunk ``(iy, ix)``: whole chunks (shards) only, so no locks.
 
         ``scores`` is (C, h, w) and ``labels`` (h, w), where (h, w) is the chunk clipped to
         the array (smaller at the bottom and right edges).
         """
-        iy, ix = chunk_index
-        tile = self.tile
-        height, width = self.shape
-        y0, x0 = iy * tile, ix * tile
-        h, w = min(tile, height - y0), min(tile, width - x0)
-        if h <= 0 or w <= 0 or y0 < 0 or x0 < 0:
-            raise ValueError(f"chunk {chunk_index} is outside the {height}x{width} grid of {tile}")
-        if labels.shape != (h, w) or scores.shape != (len(self.classes), h, w):
-            raise ValueError(f"chunk {chunk_index} needs scores (C, {h}, {w}) and labels ({h}, {w})")
-        self.scores(0)[:, y0 : y0 + h, x0 : x0 + w] = scores.astype(np.uint8, copy=False)
-        self.labels(0)[y0 : y0 + h, x0 : x0 + w] = labels.astype(np.uint8, copy=False)
+        grid = self.grid
+        rows, cols = grid.grid_shape
+        if not (0 <= chunk_index[0] < rows and 0 <= chunk_index[1] < cols):
+            raise ValueError(f"chunk {chunk_index} is outside the {grid.shape} grid of {grid.tile}")
+        c = grid.chunk(chunk_index)
+        if labels.shape != (c.h, c.w) or scores.shape != (len(self.classes), c.h, c.w):
+            raise ValueError(f"chunk {chunk_index} needs scores (C, {c.h}, {c.w}) and labels ({c.h}, {c.w})")
+        self.scores(0)[:, c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = scores.astype(np.uint8, copy=False)
+        self.labels(0)[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = labels.astype(np.uint8, copy=False)
 
     def build_pyramid(self, client: Any = None) -> None:
-        """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded).
+        """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded)."""
+        build_levels([(self.scores(n), self.labels(n)) for n in range(self.n_levels)], client)
 
-        Each task reads a 2x2 block of output chunks from the level above (at most
-        ``4 * C * tile**2`` bytes) and writes one whole output chunk, so tasks never share a
-        chunk or shard. Labels take the mode of each 2x2 block, scores the mean.
-        """
-        for level in range(1, self.n_levels):
-            pairs = [
-                _downsample(self.scores(level - 1), self.scores(level), _mean_2x2),
-                _downsample(self.labels(level - 1), self.labels(level), _mode_2x2),
-            ]
-            # da.store is what da.to_zarr calls for an existing array; called directly it keeps
-            # our blocks, which are already aligned with the target's write units.
-            tasks = da.store([s for s, _ in pairs], [t for _, t in pairs], lock=False, compute=False)
-            dask.compute(tasks, scheduler=client if client is not None else "threads")
+
+def open_store(target: str | Path | SlideStore) -> SlideStore:
+    """One slide's store, read-only, checked to carry what the exporters rely on.
+
+    ``target`` is ``<dir>/<stem>.ome.zarr``, ``<dir>/<stem>``, a folder holding one store, or an
+    already open store (returned as is, so one opened store serves every exporter).
+    """
+    if isinstance(target, SlideStore):
+        return target
+    store = SlideStore.open(find_store(target), mode="r")
+    try:
+        classes, mpp, slide_mpp = store.classes, store.mpp, store.slide_mpp
+    except (KeyError, TypeError, ValueError) as error:
+        raise OutputError(f"incomplete '{ATTRS_KEY}' metadata ({error!r})", store.path) from error
+    del classes  # parsed above so a malformed class table fails here, naming the store
+    if not (math.isfinite(mpp) and math.isfinite(slide_mpp) and mpp > 0 and slide_mpp > 0):
+        raise OutputError(f"invalid resolution in metadata (mpp={mpp}, slide mpp={slide_mpp})", store.path)
+    if store.n_levels == 0:
+        raise OutputError(f"no label map at labels/{LABEL_NAME}/0", store.path)
+    return store
 
 
 def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], tile: int, zarr_format: int) -> None:
     """One pyramid level: chunk = tile (format 2) or shard = tile with tile/2 inner chunks (3)."""
     lead = shape[:-2]
-    write_unit = (*lead, tile, tile)
+    unit = (*lead, tile, tile)
     common: dict[str, Any] = {"name": name, "shape": shape, "dtype": "uint8", "fill_value": 0}
     if zarr_format == 2:
         # NGFF 0.4 requires "/" between chunk indices.
-        group.create_array(**common, chunks=write_unit, chunk_key_encoding={"name": "v2", "separator": "/"})
+        group.create_array(**common, chunks=unit, chunk_key_encoding={"name": "v2", "separator": "/"})
     else:
         inner = tile // 2 if tile % 2 == 0 and tile >= 64 else tile
         group.create_array(
             **common,
             chunks=(*lead, inner, inner),
-            shards=write_unit,
+            shards=unit,
             dimension_names=["c", "y", "x"][-len(shape) :],
         )
-
-
-def _write_unit(array: zarr.Array) -> tuple[int, ...]:
-    """The smallest region one process may write alone: the shard if sharded, else the chunk."""
-    return tuple(array.shards or array.chunks)
-
-
-def _downsample(
-    source: zarr.Array, target: zarr.Array, reduce: Callable[[np.ndarray], np.ndarray]
-) -> tuple[da.Array, zarr.Array]:
-    """Dask array of ``target``'s content, one block per target write unit (chunk or shard)."""
-    unit = _write_unit(target)
-    read_chunks = (*unit[:-2], 2 * unit[-2], 2 * unit[-1])
-    src = da.from_zarr(source, chunks=read_chunks)
-    out_chunks = (*src.chunks[:-2], *(tuple((c + 1) // 2 for c in dim) for dim in src.chunks[-2:]))
-    result = src.map_blocks(reduce, chunks=out_chunks, dtype=np.uint8)
-    assert result.shape == target.shape, (result.shape, target.shape)
-    return result, target
-
-
-def _blocks_2x2(block: np.ndarray) -> np.ndarray:
-    """The four pixels of every 2x2 block stacked on a new first axis; odd edges repeat."""
-    pad = [(0, 0)] * (block.ndim - 2) + [(0, block.shape[-2] % 2), (0, block.shape[-1] % 2)]
-    even = np.pad(block, pad, mode="edge")
-    return np.stack([even[..., dy::2, dx::2] for dy in (0, 1) for dx in (0, 1)])
-
-
-def _mean_2x2(block: np.ndarray) -> np.ndarray:
-    """Mean of each 2x2 block, rounded half up (an odd edge averages the pixels that exist)."""
-    total = _blocks_2x2(block).astype(np.uint16).sum(axis=0)
-    return ((total + 2) // 4).astype(np.uint8)
-
-
-def _mode_2x2(block: np.ndarray) -> np.ndarray:
-    """Most frequent label of each 2x2 block; ties go to the smaller label (as scipy's mode).
-
-    Vectorised: each of the four candidates scores ``count * 256 + (255 - value)``, so the
-    largest score is the most frequent value and, among equals, the smallest.
-    """
-    four = _blocks_2x2(block)
-    counts = (four[:, None] == four[None, :]).sum(axis=1).astype(np.int32)
-    score = counts * 256 + (255 - four.astype(np.int32))
-    return np.take_along_axis(four, score.argmax(axis=0)[None], axis=0)[0]
-
-
-class ProgressLog:
-    """Which chunks are safely on disk: one small JSON file per finished batch.
-
-    A record is written to a temporary file and renamed into place (``os.replace`` is atomic),
-    so a worker killed mid-write leaves no record and those chunks are simply redone.
-    """
-
-    def __init__(self, directory: str | Path) -> None:
-        self.directory = Path(directory)
-
-    def record(self, batch_id: str, chunk_indices: Iterable[Sequence[int]]) -> None:
-        """Mark ``chunk_indices`` (iy, ix) as written; call after the batch's chunks are on disk."""
-        indices = [[int(iy), int(ix)] for iy, ix in chunk_indices]
-        write_json_atomic(self.directory / f"batch-{batch_id}.json", indices)
-
-    def done(self) -> set[tuple[int, int]]:
-        """All chunk indices recorded so far (empty when the directory does not exist yet)."""
-        if not self.directory.is_dir():
-            return set()
-        chunks: set[tuple[int, int]] = set()
-        for record in self.directory.glob("batch-*.json"):
-            chunks.update((iy, ix) for iy, ix in json.loads(record.read_text()))
-        return chunks

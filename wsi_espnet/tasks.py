@@ -2,81 +2,47 @@
 
 Workers open the slide and read their own tiles: the client only ships small plans (paths,
 chunk indices, the thumbnail-sized tissue mask), never pixels. User-facing problems (a corrupt
-slide, a missing mpp) are returned as :class:`SlideFailure` values rather than raised, so Dask's
-retries are spent only on real infrastructure failures such as a lost worker.
+slide or tile, a missing mpp) are returned as :class:`~wsi_espnet.runstate.Failed` values rather
+than raised, so Dask's retries are spent only on real infrastructure failures such as a lost worker.
 """
 
 from __future__ import annotations
 
 import logging
-import platform
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import dask
 import numpy as np
 import torch
 from distributed import get_worker
 
-from wsi_espnet import __version__
-from wsi_espnet.config import SegmentSettings
+from wsi_espnet.config import InferenceSettings, OutputSettings, SegmentSettings
 from wsi_espnet.errors import SlideError, WsiEspnetError
+from wsi_espnet.export import export_all
 from wsi_espnet.grid import Chunk, TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
-from wsi_espnet.outputs import SlideOutput
-from wsi_espnet.predict import get_predictor
+from wsi_espnet.outputs import ProgressLog, SlideOutput
+from wsi_espnet.predict import Predictor, get_predictor
+from wsi_espnet.runstate import Done, Failed, RunRecord, Skipped, SlideJob, SlidePlan
 from wsi_espnet.slide import Slide
-from wsi_espnet.store import ProgressLog, SlideStore
+from wsi_espnet.stats import compute_statistics, write_statistics
+from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask, detect_tissue
 
 logger = logging.getLogger(__name__)
 
 # Upsampling a slide more than this to reach the analysis resolution invents detail.
 MAX_UPSAMPLING = 2.0
-LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "openslide-python", "tiffslide")
-
-
-@dataclass(frozen=True)
-class SlideJob:
-    """One slide to segment, with an optional per-slide resolution override."""
-
-    path: Path
-    slide_mpp: float | None = None
-
-
-@dataclass
-class SlideFailure:
-    """A slide that cannot be processed, and why (one line, naming the file)."""
-
-    job: SlideJob
-    error: str
-
-
-@dataclass
-class SlidePlan:
-    """What the client needs to schedule one slide's chunks (small: no pixels but the mask)."""
-
-    job: SlideJob
-    output: SlideOutput
-    shape: tuple[int, int]
-    mpp: float
-    slide_mpp: float
-    todo: list[tuple[int, int]]
-    n_chunks: int
-    n_tissue_chunks: int
-    n_done_before: int
-    tissue: TissueMask
-    record: dict[str, Any]
-    skipped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 @lru_cache(maxsize=8)
-def _cached_slide(path: str, slide_mpp: float | None) -> Slide:
+def _cached_slide(path: str, slide_mpp: float) -> Slide:
     """One open slide per worker process and file: opening an SVS costs tens of milliseconds."""
     return Slide.open(path, slide_mpp=slide_mpp)
 
@@ -84,16 +50,6 @@ def _cached_slide(path: str, slide_mpp: float | None) -> Slide:
 @lru_cache(maxsize=8)
 def _cached_card(model: str) -> ModelCard:
     return load_card(model)
-
-
-def versions() -> dict[str, str]:
-    found = {"wsi-espnet": __version__, "python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
 
 
 def _check_resolution(slide: Slide, mpp: float, shape: tuple[int, int]) -> None:
@@ -111,55 +67,72 @@ def _check_resolution(slide: Slide, mpp: float, shape: tuple[int, int]) -> None:
         )
 
 
-def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> SlidePlan | SlideFailure:
-    """Open the slide, detect tissue, create (or resume) the store, list the chunks to infer."""
+@dataclass(frozen=True)
+class _Opened:
+    """What prepare learns from the slide file before closing it again."""
+
+    grid: TileGrid
+    mpp: float
+    tissue: TissueMask
+    metadata: dict[str, Any]
+    tissue_seconds: float
+
+
+def _open_slide(job: SlideJob, settings: SegmentSettings, card: ModelCard) -> _Opened:
+    with Slide.open(job.path, slide_mpp=job.slide_mpp or settings.slide_mpp) as slide:
+        mpp = settings.mpp or card.mpp
+        grid = TileGrid(slide.analysis_shape(mpp), settings.tile, settings.halo)
+        _check_resolution(slide, mpp, grid.shape)
+        t0 = time.perf_counter()
+        if settings.tissue_detection:
+            tissue = detect_tissue(slide, settings.tissue)
+        else:
+            tissue = _everything(slide, settings.tissue.thumbnail_mpp)
+        return _Opened(grid, mpp, tissue, slide.metadata(), time.perf_counter() - t0)
+
+
+def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> SlidePlan | Skipped | Failed:
+    """Open the slide, detect tissue, create (or resume) the store, list the chunks to infer.
+
+    Gets the whole settings because run.json records them all.
+    """
     start = time.perf_counter()
     output = SlideOutput.for_slide(outdir, job.path)
     try:
-        if output.is_complete() and not settings.overwrite:
-            return _skipped_plan(job, output)
+        if not settings.overwrite and output.is_complete():
+            area = ((output.read_run() or {}).get("statistics") or {}).get("tissue_area_mm2")
+            return Skipped(job, area)
         card = load_card(settings.model)
-        slide = Slide.open(job.path, slide_mpp=job.slide_mpp or settings.slide_mpp)
-        with slide:
-            mpp = settings.mpp or card.mpp
-            shape = slide.analysis_shape(mpp)
-            _check_resolution(slide, mpp, shape)
-            t0 = time.perf_counter()
-            if settings.tissue_detection:
-                tissue = detect_tissue(slide, settings.tissue)
-            else:
-                tissue = _everything(slide, settings.tissue.thumbnail_mpp)
-            tissue_seconds = time.perf_counter() - t0
-            slide_meta = slide.metadata()
-        grid = TileGrid(shape, settings.tile, settings.halo)
-        selected = grid.select(tissue, mpp) if settings.tissue_detection else grid.chunks
-        record = _run_record(job, output, card, settings, mpp, slide_meta, grid, len(selected))
-        _open_or_create_store(output, card, settings, mpp, shape, slide_meta, record)
+        opened = _open_slide(job, settings, card)
+        grid, mpp = opened.grid, opened.mpp
+        selected = grid.select(opened.tissue, mpp) if settings.tissue_detection else grid.chunks
+        store_params = _store_params(card, settings, mpp, grid)
+        resumed = _open_or_create_store(
+            output, store_params, settings.overwrite, _store_creator(card, opened)
+        )
         done = ProgressLog(output.progress_dir).done()
         todo = [c.index for c in selected if c.index not in done]
-        output.write_run(record)
-        return SlidePlan(
-            job=job,
-            output=output,
-            shape=shape,
-            mpp=mpp,
-            slide_mpp=float(slide_meta["mpp"]),
-            todo=todo,
-            n_chunks=len(grid.chunks),
-            n_tissue_chunks=len(selected),
-            n_done_before=len(selected) - len(todo),
-            tissue=tissue,
-            record=record,
-            timings={"prepare_s": time.perf_counter() - start, "tissue_detection_s": tissue_seconds},
-        )
+        provenance = {
+            "model": _model_record(card),
+            "parameters": settings.as_record()
+            | {"mpp": mpp, "slide_mpp": job.slide_mpp or settings.slide_mpp},
+            "slide_metadata": opened.metadata,
+            "tiles": {
+                "total": len(grid.chunks),
+                "tissue": len(selected),
+                "skipped_background": len(grid.chunks) - len(selected),
+                "resumed_from_previous_run": len(selected) - len(todo),
+            },
+            "store_params": store_params,
+        }
+        timings = {"prepare_s": time.perf_counter() - start, "tissue_detection_s": opened.tissue_seconds}
+        record = RunRecord.start(job, output, provenance).resumed(resumed, timings)
+        record.write(output)
+        slide_mpp = float(opened.metadata["mpp"])
+        mask = settings.tissue_detection
+        return SlidePlan(job, output, grid, mpp, slide_mpp, todo, opened.tissue, mask, record)
     except WsiEspnetError as exc:
-        return SlideFailure(job, str(exc))
-
-
-def _skipped_plan(job: SlideJob, output: SlideOutput) -> SlidePlan:
-    run = output.read_run() or {}
-    empty = TissueMask(np.zeros((1, 1), bool), np.zeros((1, 1), np.int32), 1.0)
-    return SlidePlan(job, output, (0, 0), 0.0, 0.0, [], 0, 0, 0, empty, run, skipped=True)
+        return Failed(job, str(exc))
 
 
 def _everything(slide: Slide, mpp: float) -> TissueMask:
@@ -168,99 +141,67 @@ def _everything(slide: Slide, mpp: float) -> TissueMask:
     return TissueMask(np.ones((h, w), bool), np.ones((h, w), np.int32), mpp)
 
 
-def _run_record(
-    job: SlideJob,
-    output: SlideOutput,
-    card: ModelCard,
-    settings: SegmentSettings,
-    mpp: float,
-    slide_meta: dict[str, Any],
-    grid: TileGrid,
-    n_selected: int,
-) -> dict[str, Any]:
+def _model_record(card: ModelCard) -> dict[str, Any]:
     return {
-        "status": "running",
-        "slide": str(job.path.resolve()),
-        "output": str(output.root.resolve()),
-        "versions": versions(),
-        "model": {
-            "name": card.name,
-            "card": str(card.path),
-            "card_sha256": sha256_file(card.path),
-            "weights_sha256": card.weights_sha256,
-            "trained": card.trained,
-            "classes": card.class_table(),
-        },
-        "parameters": settings.as_record() | {"mpp": mpp, "slide_mpp": job.slide_mpp or settings.slide_mpp},
-        "slide_metadata": slide_meta,
-        "tiles": {
-            "total": len(grid.chunks),
-            "tissue": n_selected,
-            "skipped_background": len(grid.chunks) - n_selected,
-        },
+        "name": card.name,
+        "card": str(card.path),
+        "card_sha256": sha256_file(card.path),
+        "weights_sha256": card.weights_sha256,
+        "trained": card.trained,
+        "classes": card.class_table(),
     }
 
 
-def _store_params(card: ModelCard, settings: SegmentSettings, mpp: float, shape: tuple[int, int]) -> dict:
+def _store_params(card: ModelCard, settings: SegmentSettings, mpp: float, grid: TileGrid) -> dict:
+    """What a partial store must have been made with for this run to resume it."""
     return {
         "model": card.weights_sha256 or card.name,
         "mpp": mpp,
-        "tile": settings.tile,
-        "halo": settings.halo,
-        "shape": list(shape),
+        "tile": grid.tile,
+        "halo": grid.halo,
+        "shape": list(grid.shape),
         "zarr_format": settings.zarr_format,
         "tissue_detection": settings.tissue_detection,
     }
 
 
+def _store_creator(card: ModelCard, opened: _Opened) -> Callable[[Path, int], None]:
+    """A function that creates the empty store at a path in a zarr format, once it is needed."""
+    meta = opened.metadata
+    slide_block = {
+        "path": str(meta.get("path")),
+        "mpp": float(meta["mpp"]),
+        "dimensions": list(meta["dimensions"]),
+        "bounds_offset": list(meta.get("bounds_offset", (0, 0))),
+    }
+    model = {"name": card.name, "sha256": card.weights_sha256 or ""}
+
+    def create(path: Path, zarr_format: int) -> None:
+        attrs = {"model": model, "slide": slide_block}
+        SlideStore.create(path, opened.grid, opened.mpp, card.classes, zarr_format, attrs)
+
+    return create
+
+
 def _open_or_create_store(
-    output: SlideOutput,
-    card: ModelCard,
-    settings: SegmentSettings,
-    mpp: float,
-    shape: tuple[int, int],
-    slide_meta: dict[str, Any],
-    record: dict[str, Any],
-) -> None:
-    """Resume a partial store made with the same parameters; otherwise start afresh.
+    output: SlideOutput, params: dict[str, Any], overwrite: bool, create: Callable[[Path, int], None]
+) -> bool:
+    """Resume a partial store made with the same ``params`` (True); otherwise start afresh (False).
 
     Only now, with the slide and model known to be usable, is an old output removed: a bad
     input never destroys results that were already there.
     """
-    params = _store_params(card, settings, mpp, shape)
-    previous = output.read_run()
-    same = previous is not None and previous.get("store_params") == params and output.store.is_dir()
-    if same and not settings.overwrite:
-        record["store_params"] = params
-        record["resumed"] = True
+    previous = None if overwrite else output.read_run()
+    if previous is not None and previous.get("store_params") == params and output.store.is_dir():
         SlideStore.open(output.store)  # checks it is a readable wsi-espnet store
-        return
+        return True
     if output.root.exists():
-        if previous is not None and not settings.overwrite:
+        if previous is not None:
             logger.warning("%s: partial output made with other parameters; starting again", output.root)
         output.clear()
     output.root.mkdir(parents=True, exist_ok=True)
-    record["store_params"] = params
-    record["resumed"] = False
-    slide_block = {
-        "path": str(slide_meta.get("path")),
-        "mpp": float(slide_meta["mpp"]),
-        "dimensions": list(slide_meta["dimensions"]),
-        "bounds_offset": list(slide_meta.get("bounds_offset", (0, 0))),
-    }
-    SlideStore.create(
-        output.store,
-        shape,
-        settings.tile,
-        mpp,
-        card.class_table(),
-        zarr_format=settings.zarr_format,
-        attrs={
-            "model": {"name": card.name, "sha256": card.weights_sha256 or ""},
-            "halo": settings.halo,
-            "slide": slide_block,
-        },
-    )
+    create(output.store, params["zarr_format"])
+    return False
 
 
 def _read_windows(slide: Slide, grid: TileGrid, chunks: list[Chunk], mpp: float) -> np.ndarray:
@@ -286,60 +227,63 @@ def _give_torch_the_worker_threads() -> None:
         torch.set_num_threads(threads)
 
 
-def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings: SegmentSettings) -> int:
+def infer_chunks(
+    plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings: InferenceSettings
+) -> int | Failed:
     """Read, infer and write ``chunk_indices`` of one slide; record them as done. Returns count.
 
     The next mini-batch is read in a background thread while the current one is on the
     model, so disk and decode time hide behind compute. Each chunk is written exactly once,
-    whole, by the only task that owns it: no locks and no read-modify-write.
+    whole, by the only task that owns it: no locks and no read-modify-write. A tile the slide
+    cannot deliver (a corrupt JPEG, a truncated file) is a :class:`Failed` value.
     """
     _give_torch_the_worker_threads()
-    slide = _cached_slide(str(plan.job.path), plan.job.slide_mpp or settings.slide_mpp)
-    predictor = get_predictor(_cached_card(settings.model), settings.device)
+    try:
+        slide = _cached_slide(str(plan.job.path), plan.slide_mpp)
+        predictor = get_predictor(_cached_card(settings.model), settings.device)
+        _infer(
+            plan,
+            [plan.grid.chunk((int(iy), int(ix))) for iy, ix in chunk_indices],
+            slide,
+            predictor,
+            settings,
+        )
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
+    first = chunk_indices[0]
+    ProgressLog(plan.output.progress_dir).record(f"{first[0]}-{first[1]}-{len(chunk_indices)}", chunk_indices)
+    return len(chunk_indices)
+
+
+def _infer(
+    plan: SlidePlan, chunks: list[Chunk], slide: Slide, predictor: Predictor, settings: InferenceSettings
+) -> None:
     store = SlideStore.open(plan.output.store)
-    grid = TileGrid(plan.shape, settings.tile, settings.halo)
-    chunks = [grid.chunk((int(iy), int(ix))) for iy, ix in chunk_indices]
-    batches = [chunks[i : i + settings.batch_size] for i in range(0, len(chunks), settings.batch_size)]
+    grid, size = plan.grid, settings.batch_size
+    batches = [chunks[i : i + size] for i in range(0, len(chunks), size)]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reader:
         pending = reader.submit(_read_windows, slide, grid, batches[0], plan.mpp)
         for k, batch in enumerate(batches):
             windows = pending.result()
             if k + 1 < len(batches):
                 pending = reader.submit(_read_windows, slide, grid, batches[k + 1], plan.mpp)
-            prediction = predictor.predict(windows, crop=settings.halo)
+            prediction = predictor.predict(windows, crop=grid.halo)
             for j, chunk in enumerate(batch):
                 labels = prediction.labels[j, : chunk.h, : chunk.w]
-                if settings.tissue_detection:
+                if plan.mask_labels:
                     labels = np.where(
                         plan.tissue.region(chunk.y0, chunk.x0, chunk.h, chunk.w, plan.mpp), labels, 0
                     )
                 store.write_chunk(chunk.index, prediction.scores[j, :, : chunk.h, : chunk.w], labels)
-    first = chunk_indices[0]
-    ProgressLog(plan.output.progress_dir).record(f"{first[0]}-{first[1]}-{len(chunk_indices)}", chunk_indices)
-    return len(chunk_indices)
 
 
-@dataclass
-class SlideSummary:
-    """The outcome of a finished slide, as the client reports it in summary.csv."""
-
-    tissue_area_mm2: float
-    tiles_processed: int
-    warnings: list[str]
-
-
-def finalise_slide(plan: SlidePlan, settings: SegmentSettings, tiles_processed: list[int]) -> SlideSummary:
+def finalise_slide(plan: SlidePlan, settings: OutputSettings, tiles_processed: list[int]) -> Done:
     """Pyramid, statistics, exports, then — last — the ``complete`` status in run.json and zarr.
 
     Runs on a worker. Dask calls inside it use the local threaded scheduler: a task must not
     block on the cluster it runs on.
     """
-    import dask
-
-    from wsi_espnet.export import export_all
-    from wsi_espnet.stats import compute_statistics, write_statistics
-
-    timings = dict(plan.timings)
+    timings: dict[str, float] = {}
     store = SlideStore.open(plan.output.store)
     with dask.config.set(scheduler="threads"):
         t0 = time.perf_counter()
@@ -349,39 +293,26 @@ def finalise_slide(plan: SlidePlan, settings: SegmentSettings, tiles_processed: 
         stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp)
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
         timings["statistics_s"] = time.perf_counter() - t0
-    warnings = []
-    if stats["tissue_area_mm2"] == 0:
-        warnings.append(f"{plan.job.path}: no tissue found; outputs are empty")
-    record = dict(plan.record)
+    area = float(stats["tissue_area_mm2"])
+    warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
     processed = int(sum(tiles_processed))
-    record["tiles"] = {
-        **record["tiles"],
-        "processed": processed,
-        "resumed_from_previous_run": plan.n_done_before,
-    }
-    record["timings"] = timings
-    output_record = dict(record, status="exporting")
-    plan.output.write_run(output_record)
+    record = plan.record.finished(processed, timings, area)
+    record.write(plan.output)
     t0 = time.perf_counter()
     if settings.formats:
-        export_all(
-            plan.output.root,
-            settings.formats,
-            per_region=settings.geojson_per_region,
-            min_area_um2=settings.geojson_min_area_um2,
-        )
-    timings["exports_s"] = time.perf_counter() - t0
-    record["statistics"] = {"tissue_area_mm2": stats["tissue_area_mm2"]}
-    record["warnings"] = warnings
-    record["status"] = "complete"
+        export_all(plan.output.root, settings=settings)
+    timings = {**record.fields["timings"], "exports_s": time.perf_counter() - t0}
     store.set_status("complete")
-    plan.output.write_run(record)
-    return SlideSummary(float(stats["tissue_area_mm2"]), processed, warnings)
+    record.with_fields(timings=timings, warnings=list(warnings), status="complete").write(plan.output)
+    return Done(plan.job, area, processed, warnings)
 
 
-def run_finalise(plan: SlidePlan, settings: SegmentSettings, *counts: int) -> SlideSummary | SlideFailure:
+def run_finalise(plan: SlidePlan, settings: OutputSettings, *counts: int | Failed) -> Done | Failed:
     """Dask entry point: ``counts`` are the infer tasks' results, so this runs after all of them."""
+    failures = [c for c in counts if isinstance(c, Failed)]
+    if failures:
+        return failures[0]
     try:
-        return finalise_slide(plan, settings, list(counts))
+        return finalise_slide(plan, settings, list(counts))  # type: ignore[arg-type]
     except WsiEspnetError as exc:
-        return SlideFailure(plan.job, str(exc))
+        return Failed(plan.job, str(exc))

@@ -41,8 +41,9 @@ from affine import Affine
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 
+from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.errors import ConfigError, OutputError
-from wsi_espnet.export import BACKGROUND, ClassInfo, SlideOutputs, open_outputs
+from wsi_espnet.store import SlideStore, open_store
 
 DEFAULT_MIN_AREA_UM2 = 100.0  # about a 10 µm x 10 µm speck: smaller than a few cells
 DEFAULT_SIMPLIFY_PX = 1.0  # analysis pixels; removes the pixel staircase, keeps the shape
@@ -66,7 +67,7 @@ def write_geojson(
     ``level`` forces a pyramid level (default: level 0 unless larger than ``MAX_VECTOR_SIDE``).
     A store without tissue gives a valid, empty FeatureCollection.
     """
-    outputs = open_outputs(output_dir_or_store)
+    outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
         raise ConfigError(f"min_area_um2 and simplify_px must be >= 0 (got {min_area_um2}, {simplify_px})")
     if level is None:
@@ -87,7 +88,7 @@ def write_geojson(
 
 
 def class_geometries(
-    outputs: SlideOutputs, level: int, simplify_px: float, min_area_um2: float, subtract_bounds: bool
+    outputs: SlideStore, level: int, simplify_px: float, min_area_um2: float, subtract_bounds: bool
 ) -> dict[ClassInfo, MultiPolygon]:
     """Valid, non-overlapping MultiPolygons per class present, in QuPath's level-0 pixel frame."""
     known = {c.value: c for c in outputs.tissue_classes}
@@ -113,7 +114,7 @@ def class_geometries(
     return result
 
 
-def _vectorise(outputs: SlideOutputs, level: int, min_area_px: float) -> dict[int, shapely.Geometry]:
+def _vectorise(outputs: SlideStore, level: int, min_area_px: float) -> dict[int, shapely.Geometry]:
     """Per label value, its pixel polygons over all chunks, merged across chunk seams.
 
     Only polygons that touch their chunk's border can continue in a neighbouring chunk, so only
@@ -166,7 +167,7 @@ def _polygonal(geom: shapely.Geometry, min_area: float) -> MultiPolygon:
 
 
 def feature_collection(
-    geometries: dict[ClassInfo, MultiPolygon], outputs: SlideOutputs, per_region: bool
+    geometries: dict[ClassInfo, MultiPolygon], outputs: SlideStore, per_region: bool
 ) -> dict[str, Any]:
     """QuPath-style features: ``objectType``, ``classification`` {name, color}, locked, measurements."""
     um2_per_px = outputs.slide_mpp**2

@@ -29,14 +29,14 @@ import tifffile
 import zarr
 
 from wsi_espnet.errors import OutputError
-from wsi_espnet.export import SlideOutputs, open_outputs
+from wsi_espnet.store import SlideStore, open_store
 
 TILE = 512
 
 
 def write_ome_tiff(store: str | Path, path: str | Path, include_scores: bool = False) -> list[Path]:
     """Write the labels to ``path`` (and ``<stem>.scores.ome.tif`` beside it) and return the files."""
-    outputs = open_outputs(store)
+    outputs = open_store(store)
     path = Path(path)
     labels = [outputs.labels(level) for level in range(outputs.n_levels)]
     legend = "; ".join(f"{c.value}={c.name}" for c in outputs.classes)
@@ -65,13 +65,13 @@ def write_ome_tiff(store: str | Path, path: str | Path, include_scores: bool = F
     return written
 
 
-def _model_annotation(outputs: SlideOutputs) -> dict[str, str]:
+def _model_annotation(outputs: SlideStore) -> dict[str, str]:
     model = outputs.attrs.get("model", {})
     return {"model": str(model.get("name", "")), "model_sha256": str(model.get("sha256", ""))}
 
 
 def _write_pyramid(
-    path: Path, levels: list[zarr.Array], outputs: SlideOutputs, metadata: dict[str, Any]
+    path: Path, levels: list[zarr.Array], outputs: SlideStore, metadata: dict[str, Any]
 ) -> Path:
     """Base image with OME-XML, reduced levels as SubIFDs; every image written from a tile generator."""
     base = levels[0]

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
-from wsi_espnet.export import SlideOutputs, open_outputs
+from wsi_espnet.store import SlideStore, open_store
 
 ALPHA = 0.45
 DEFAULT_SIDE = 1200  # px of the overlay's longer side when no thumbnail is given
@@ -33,7 +33,7 @@ def write_overlay(
     stats: dict[str, Any] | None = None,
 ) -> Path:
     """Write the overlay PNG: thumbnail (or white), classes blended over tissue, legend with areas."""
-    image = render_overlay(open_outputs(store), slide_thumbnail, stats)
+    image = render_overlay(open_store(store), slide_thumbnail, stats)
     path = Path(path)
     try:
         image.save(path, format="PNG", optimize=True)
@@ -43,7 +43,7 @@ def write_overlay(
 
 
 def render_overlay(
-    outputs: SlideOutputs, slide_thumbnail: np.ndarray | None, stats: dict[str, Any] | None
+    outputs: SlideStore, slide_thumbnail: np.ndarray | None, stats: dict[str, Any] | None
 ) -> Image.Image:
     """The overlay as a Pillow image; also embedded by the HTML report."""
     if slide_thumbnail is None:
@@ -65,7 +65,7 @@ def render_overlay(
     return _with_legend(picture, outputs, stats)
 
 
-def labels_at_size(outputs: SlideOutputs, height: int, width: int) -> np.ndarray:
+def labels_at_size(outputs: SlideStore, height: int, width: int) -> np.ndarray:
     """The label map resampled (nearest) to ``height x width`` from the coarsest level that covers it."""
     for level in reversed(range(outputs.n_levels)):
         array = outputs.labels(level)
@@ -76,7 +76,7 @@ def labels_at_size(outputs: SlideOutputs, height: int, width: int) -> np.ndarray
     return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
 
 
-def _with_legend(picture: Image.Image, outputs: SlideOutputs, stats: dict[str, Any] | None) -> Image.Image:
+def _with_legend(picture: Image.Image, outputs: SlideStore, stats: dict[str, Any] | None) -> Image.Image:
     """Place a legend panel (name, colour, area in mm²) to the right of the picture."""
     areas = {int(row["label"]): float(row["area_mm2"]) for row in (stats or {}).get("classes", [])}
     lines = [(None, outputs.stem)]

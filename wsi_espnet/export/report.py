@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from wsi_espnet.errors import OutputError
-from wsi_espnet.export import SlideOutputs, open_outputs
 from wsi_espnet.export.overlay import render_overlay
+from wsi_espnet.store import SlideStore, open_store
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -33,7 +33,7 @@ code { font-size: 90%; word-break: break-all; }
 
 def write_report(output_dir: str | Path, path: str | Path, slide_thumbnail: np.ndarray | None = None) -> Path:
     """Write the HTML report for the slide in ``output_dir`` (``OUTDIR/<stem>`` or the store)."""
-    outputs = open_outputs(output_dir)
+    outputs = open_store(output_dir)
     page = render_report(outputs, slide_thumbnail)
     path = Path(path)
     try:
@@ -43,7 +43,7 @@ def write_report(output_dir: str | Path, path: str | Path, slide_thumbnail: np.n
     return path
 
 
-def render_report(outputs: SlideOutputs, slide_thumbnail: np.ndarray | None) -> str:
+def render_report(outputs: SlideStore, slide_thumbnail: np.ndarray | None) -> str:
     """The report page as a string."""
     stats = outputs.read_stats()
     run = outputs.read_run()
@@ -69,7 +69,7 @@ def render_report(outputs: SlideOutputs, slide_thumbnail: np.ndarray | None) -> 
     )
 
 
-def _statistics_table(outputs: SlideOutputs, stats: dict[str, Any] | None) -> str:
+def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None) -> str:
     if not stats:
         return f"<p>No statistics ({escape(outputs.stats_path.name)} was not written).</p>"
     colors = {c.value: c.color for c in outputs.classes}
@@ -92,7 +92,7 @@ def _statistics_table(outputs: SlideOutputs, stats: dict[str, Any] | None) -> st
     )
 
 
-def _provenance(outputs: SlideOutputs) -> dict[str, Any]:
+def _provenance(outputs: SlideStore) -> dict[str, Any]:
     slide = outputs.attrs.get("slide", {})
     model = outputs.attrs.get("model", {})
     return {

@@ -22,23 +22,12 @@ import torch
 import yaml
 from torch import nn
 
+from wsi_espnet.classes import ClassInfo
 from wsi_espnet.errors import ModelCardError
 from wsi_espnet.models import create_model
-from wsi_espnet.resources import config_dir
+from wsi_espnet.resources import find_named, load_yaml, packaged
 
 DEFAULT_MODEL = "breast-tissue-espnet"
-
-
-@dataclass(frozen=True)
-class ClassInfo:
-    """One output class: its label value, a machine-friendly name and an RGB display colour."""
-
-    value: int
-    name: str
-    color: tuple[int, int, int]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"value": self.value, "name": self.name, "color": list(self.color)}
 
 
 @dataclass(frozen=True)
@@ -74,7 +63,6 @@ class ModelCard:
     weights_sha256: str | None
     trained: bool
     description: str = ""
-    tile_multiple: int = 8
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -132,12 +120,10 @@ class ModelCard:
         return model.eval()
 
 
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in blocks (``hashlib.file_digest``)."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _require(raw: dict[str, Any], key: str, path: Path) -> Any:
@@ -164,8 +150,6 @@ def _parse_classes(raw: list[Any], path: Path) -> tuple[ClassInfo, ...]:
 
 def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
     """Validate a card's fields and resolve its weights path relative to the card file."""
-    if not isinstance(raw, dict):
-        raise ModelCardError("not a model card (expected a YAML mapping)", path)
     architecture = dict(_require(raw, "architecture", path))
     classes = _parse_classes(_require(raw, "classes", path), path)
     if architecture.get("classes") != len(classes):
@@ -203,7 +187,6 @@ def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
         "weights",
         "trained",
         "description",
-        "tile_multiple",
     }
     return ModelCard(
         name=str(raw.get("name", path.stem.removesuffix(".card"))),
@@ -216,35 +199,19 @@ def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
         weights_sha256=weights.get("sha256"),
         trained=bool(raw.get("trained", False)),
         description=str(raw.get("description", "")),
-        tile_multiple=int(raw.get("tile_multiple", 8)),
         extra={k: v for k, v in raw.items() if k not in known},
     )
 
 
-def cards_dir() -> Path:
-    return config_dir() / "models"
-
-
 def list_cards() -> list[ModelCard]:
     """Every card shipped with the package, by name."""
-    return [load_card(p) for p in sorted(cards_dir().glob("*.yaml"))]
+    return [load_card(p) for p in packaged("models")]
 
 
 def load_card(name_or_path: str | Path) -> ModelCard:
     """Load a shipped card by name, or any card by path to its YAML file."""
-    candidate = Path(name_or_path)
-    if candidate.suffix not in (".yaml", ".yml"):
-        candidate = cards_dir() / f"{name_or_path}.yaml"
-        if not candidate.is_file():
-            known = ", ".join(p.stem for p in sorted(cards_dir().glob("*.yaml"))) or "none"
-            raise ModelCardError(f"unknown model '{name_or_path}' (shipped models: {known})")
-    if not candidate.is_file():
-        raise ModelCardError("model card not found", candidate)
-    try:
-        raw = yaml.safe_load(candidate.read_text())
-    except yaml.YAMLError as exc:
-        raise ModelCardError(f"not valid YAML: {str(exc).splitlines()[0]}", candidate) from exc
-    return parse_card(raw, candidate.resolve())
+    path = find_named(name_or_path, "models", ModelCardError, "model")
+    return parse_card(load_yaml(path, ModelCardError, "a model card (a YAML mapping)"), path.resolve())
 
 
 def write_card(card_fields: dict[str, Any], path: Path, weights: Path) -> ModelCard:
