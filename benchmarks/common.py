@@ -28,21 +28,12 @@ RESULT_PREFIX = "BENCHMARK-RESULT "
 def bench_model(workdir: Path) -> str:
     """The shipped card when its trained weights exist, else a seeded random card of the same
     architecture (speed does not depend on the weights' values). Returns a name or YAML path."""
-    import torch
-    import yaml
-
-    from wsi_espnet.models import create_model
-    from wsi_espnet.models.cards import load_card, write_card
+    from wsi_espnet.models.cards import load_card, random_card
 
     shipped = load_card("breast-tissue-espnet")
     if shipped.weights_present:
         return shipped.name
-    fields = yaml.safe_load(shipped.path.read_text())
-    fields.update(name="bench-random-espnet", trained=False)
-    torch.manual_seed(0)
-    weights = workdir / "bench-random-espnet.pt"
-    torch.save(create_model(**fields["architecture"]).state_dict(), weights)
-    return str(write_card(fields, workdir / "bench-random-espnet.yaml", weights).path)
+    return str(random_card(shipped, workdir, "bench-random-espnet").path)
 
 
 def sample_slide(folder: Path, name: str, side: int, tissue: float, seed: int = 0) -> Path:

@@ -31,23 +31,12 @@ def espnet_reference() -> Path:
 def tissue_card(tmp_path_factory):
     """The shipped breast-tissue card when its trained weights are present, else the same
     architecture with seeded random weights (a fixture-only card, never shown to users)."""
-    import torch
-
-    from wsi_espnet.models import create_model
-    from wsi_espnet.models.cards import load_card, write_card
+    from wsi_espnet.models.cards import load_card, random_card
 
     shipped = load_card("breast-tissue-espnet")
     if shipped.weights_present and shipped.trained:
         return shipped.path
-    import yaml
-
-    fields = yaml.safe_load(shipped.path.read_text())
-    fields.update(name="fixture-random-espnet", trained=False)
-    folder = tmp_path_factory.mktemp("card")
-    torch.manual_seed(0)
-    weights = folder / "fixture-random-espnet.pt"
-    torch.save(create_model(**fields["architecture"]).state_dict(), weights)
-    return write_card(fields, folder / "fixture-random-espnet.yaml", weights).path
+    return random_card(shipped, tmp_path_factory.mktemp("card"), "fixture-random-espnet").path
 
 
 @pytest.fixture(scope="session")

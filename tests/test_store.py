@@ -221,3 +221,19 @@ def test_progress_log_records_atomically(tmp_path: Path) -> None:
     log.record("0002", [(3, 4), (5, 5)])  # a retried batch replaces its record
     assert ProgressLog(tmp_path / ".progress").done() == {(0, 0), (0, 1), (3, 4), (5, 5)}
     assert not [p for p in (tmp_path / ".progress").iterdir() if p.name.startswith(".") and "0002" in p.name]
+
+
+@pytest.mark.parametrize("zarr_format", [2, 3], ids=["ngff04", "ngff05"])
+def test_ngff_metadata_validates_with_ome_zarr_models(tmp_path: Path, zarr_format: int) -> None:
+    """The image, the labels group and the image-label, as ome-zarr-models reads them."""
+    import importlib
+
+    models = importlib.import_module("ome_zarr_models.v04" if zarr_format == 2 else "ome_zarr_models.v05")
+    store = SlideStore.create(tmp_path / "s.ome.zarr", GRID, MPP, CLASSES, zarr_format=zarr_format)
+    group = zarr.open_group(store.path, mode="r")
+    image = models.Image.from_zarr(group)
+    label = models.ImageLabel.from_zarr(group["labels/tissue"])
+    attributes = image.attributes if zarr_format == 2 else image.attributes.ome  # 0.5 nests under "ome"
+    scales = [d.coordinateTransformations[0].scale for d in attributes.multiscales[0].datasets]
+    assert scales == [[1.0, MPP * 2**n, MPP * 2**n] for n in range(store.n_levels)]
+    assert label is not None

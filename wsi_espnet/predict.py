@@ -14,20 +14,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from wsi_espnet.devices import resolve_device
 from wsi_espnet.models.cards import ModelCard
 
 _CACHE: dict[tuple[str, str], Predictor] = {}
 _CACHE_LOCK = threading.Lock()
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return resolved
 
 
 @dataclass

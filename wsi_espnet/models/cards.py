@@ -226,3 +226,17 @@ def write_card(card_fields: dict[str, Any], path: Path, weights: Path) -> ModelC
     fields["weights"] = {"file": str(rel), "sha256": sha256_file(Path(weights))}
     path.write_text(yaml.safe_dump(fields, sort_keys=False))
     return load_card(path)
+
+
+def random_card(card: ModelCard, folder: Path, name: str, seed: int = 0) -> ModelCard:
+    """``card``'s architecture with seeded random weights, written to ``folder/<name>.yaml``.
+
+    For tests and benchmarks where the trained weights are absent: shapes, speed and the
+    pipeline do not depend on the weights' values. Marked ``trained: false``.
+    """
+    fields = load_yaml(card.path, ModelCardError, "a model card (a YAML mapping)")
+    fields.update(name=name, trained=False)
+    torch.manual_seed(seed)
+    weights = Path(folder) / f"{name}.pt"
+    torch.save(create_model(**fields["architecture"]).state_dict(), weights)
+    return write_card(fields, Path(folder) / f"{name}.yaml", weights)

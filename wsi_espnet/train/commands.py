@@ -11,8 +11,8 @@ import shlex
 from pathlib import Path
 
 import click
-import torch
 
+from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, load_card
 from wsi_espnet.train import loop
@@ -148,9 +148,7 @@ def evaluate(
     (image/mask folders, or slides with QuPath annotations: only annotated pixels count)."""
     card = load_card(model_name)
     samples = _evaluation_samples(data, annotations, card, data_mpp, slide_mpp)
-    dev = (
-        "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    )
+    dev = resolve_device(device)
     metrics = evaluate_model(card.build_model().to(dev), card, samples, dev)
     click.echo(format_table(metrics))
     if out is not None:

@@ -14,16 +14,21 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import shapely
+import torch
 from PIL import Image
 from rasterio.features import rasterize
 from rasterio.transform import Affine
 from shapely.geometry import box, shape
 
 from wsi_espnet.errors import AnnotationError, ConfigError
-from wsi_espnet.models.cards import ModelCard
+from wsi_espnet.models.cards import ModelCard, Normalisation
+
+if TYPE_CHECKING:  # the loop imports this module; the config type is only needed for annotations
+    from wsi_espnet.train.loop import TrainConfig
 
 IGNORE_INDEX = 255
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
@@ -232,3 +237,49 @@ def load_annotated_slides(
                 labels = rasterise_region(shapes, region, scale)
                 samples.append(Sample(f"{Path(slide_path).stem}#{i}", image, labels, (x, y)))
     return samples
+
+
+def class_weights(samples: list[Sample], n_classes: int) -> torch.Tensor:
+    """ESPNet's weights ``1 / ln(1.10 + p_c)`` from pixel frequencies (ignore pixels excluded)."""
+    counts = np.zeros(n_classes, np.float64)
+    for s in samples:
+        counts += np.bincount(s.labels[s.labels != IGNORE_INDEX].ravel(), minlength=n_classes)[:n_classes]
+    p = counts / max(counts.sum(), 1.0)
+    return torch.tensor(1.0 / np.log(1.10 + p), dtype=torch.float32)
+
+
+def data_normalisation(samples: list[Sample]) -> Normalisation:
+    """Per-channel mean/std of the training images on the 0..1 scale."""
+    pixels = np.concatenate([s.image.reshape(-1, 3) for s in samples]).astype(np.float64) / 255.0
+    mean = tuple(round(float(v), 4) for v in pixels.mean(0))
+    std = tuple(round(float(v), 4) for v in pixels.std(0))
+    return Normalisation("RGB", 255.0, mean, std)  # type: ignore[arg-type]
+
+
+def load_samples(config: TrainConfig, card: ModelCard) -> list[Sample]:
+    samples: list[Sample] = []
+    if config.images is not None and config.masks is not None:
+        samples += load_folder(config.images, config.masks, card, config.data_mpp)
+    if config.slides:
+        samples += load_annotated_slides(config.slides, config.annotations, card, config.slide_mpp)
+    return samples
+
+
+def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
+    """Validation samples by name (``--val``; a slide's name covers all its regions) or a seeded
+    random fraction of the samples."""
+    if config.val:
+        wanted = set(config.val)
+        val = [s for s in samples if s.name in wanted or s.name.split("#")[0] in wanted]
+        missing = wanted - {s.name for s in val} - {s.name.split("#")[0] for s in val}
+        if missing:
+            raise ConfigError(f"--val names unknown samples: {', '.join(sorted(missing))}")
+    else:
+        n_val = round(len(samples) * config.val_fraction)
+        order = np.random.default_rng(config.seed).permutation(len(samples))
+        val = [samples[i] for i in sorted(order[:n_val])]
+    val_ids = {id(s) for s in val}
+    train = [s for s in samples if id(s) not in val_ids]
+    if not train:
+        raise ConfigError("no training samples left after the validation split")
+    return train, val

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,20 +24,28 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from tqdm import tqdm
 
+from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models import ESPNet
-from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, Normalisation, load_card, write_card
+from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, load_card, write_card
+from wsi_espnet.resources import load_yaml
 from wsi_espnet.train.augment import AugmentSettings, augment
 from wsi_espnet.train.curves import plot_curves
-from wsi_espnet.train.datasets import IGNORE_INDEX, Sample, load_annotated_slides, load_folder
+from wsi_espnet.train.datasets import (
+    IGNORE_INDEX,
+    Sample,
+    class_weights,
+    data_normalisation,
+    load_samples,
+    split_samples,
+)
 from wsi_espnet.train.evaluate import evaluate_model
+from wsi_espnet.train.init import default_reference_dir, initialise
 
 STAGES = ("encoder", "decoder")
-INITS = ("official-encoder", "official-decoder", "none")
 LOG_FIELDS = ("stage", "epoch", "lr", "loss", "val_miou", "val_pixel_accuracy", "seconds")
 
 
@@ -116,60 +123,6 @@ class TrainResult:
     class_weights: list[float] = field(default_factory=list)
 
 
-def default_reference_dir() -> Path:
-    """``$WSI_ESPNET_REFERENCE``, else ``../shared/reference/espnet`` relative to the cwd."""
-    env = os.environ.get("WSI_ESPNET_REFERENCE")
-    return Path(env) if env else Path.cwd().parent / "shared" / "reference" / "espnet"
-
-
-def _load_matching(
-    module: nn.Module, state: dict[str, torch.Tensor], skip: tuple[str, ...] = ()
-) -> list[str]:
-    """Load every tensor whose name and shape match; return the names left at their init.
-
-    This is how a class-count mismatch re-initialises only the layers whose size depends on the
-    number of classes (the classifier and decoder convolutions) and keeps everything else.
-    """
-    own = module.state_dict()
-    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith(skip)}
-    module.load_state_dict(kept, strict=False)
-    return sorted(k for k in own if k not in kept and not k.endswith("num_batches_tracked"))
-
-
-def initialise(model: ESPNet, init: str, reference_dir: Path) -> list[str]:
-    """Apply ``--init``: official Cityscapes encoder/decoder, another card's weights, or none."""
-    if init == "none":
-        return []
-    if init in ("official-encoder", "official-decoder"):
-        kind = init.removeprefix("official-")
-        path = Path(reference_dir) / f"{kind}_espnet_p_{model.p}_q_{model.q}.pth"
-        if not path.is_file():
-            raise ConfigError(f"official {kind} weights not found (set --reference-dir)", path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        if kind == "encoder":  # Cityscapes classes mean nothing here: keep our classifier random
-            return ["encoder." + k for k in _load_matching(model.encoder, state, skip=("classifier.",))]
-        return _load_matching(model, state)
-    return _load_matching(model, load_card(init).load_state_dict())
-
-
-def class_weights(samples: list[Sample], n_classes: int) -> torch.Tensor:
-    """ESPNet's weights ``1 / ln(1.10 + p_c)`` from pixel frequencies (ignore pixels excluded)."""
-    counts = np.zeros(n_classes, np.float64)
-    for s in samples:
-        counts += np.bincount(s.labels[s.labels != IGNORE_INDEX].ravel(), minlength=n_classes)[:n_classes]
-    p = counts / max(counts.sum(), 1.0)
-    return torch.tensor(1.0 / np.log(1.10 + p), dtype=torch.float32)
-
-
-def data_normalisation(samples: list[Sample]) -> Normalisation:
-    """Per-channel mean/std of the training images on the 0..1 scale."""
-    pixels = np.concatenate([s.image.reshape(-1, 3) for s in samples]).astype(np.float64) / 255.0
-    mean = tuple(round(float(v), 4) for v in pixels.mean(0))
-    std = tuple(round(float(v), 4) for v in pixels.std(0))
-    return Normalisation("RGB", 255.0, mean, std)  # type: ignore[arg-type]
-
-
 def downsample_labels(labels: torch.Tensor, n_classes: int, factor: int = 8) -> torch.Tensor:
     """Majority class of each ``factor``x``factor`` block (ignore pixels abstain; an all-ignore
     block stays ignore): the encoder stage's target at 1/8 resolution."""
@@ -193,35 +146,6 @@ class _UpsampledEncoder(nn.Module):
         return F.interpolate(self.encoder(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def load_samples(config: TrainConfig, card: ModelCard) -> list[Sample]:
-    samples: list[Sample] = []
-    if config.images is not None and config.masks is not None:
-        samples += load_folder(config.images, config.masks, card, config.data_mpp)
-    if config.slides:
-        samples += load_annotated_slides(config.slides, config.annotations, card, config.slide_mpp)
-    return samples
-
-
-def split_samples(samples: list[Sample], config: TrainConfig) -> tuple[list[Sample], list[Sample]]:
-    """Validation samples by name (``--val``; a slide's name covers all its regions) or a seeded
-    random fraction of the samples."""
-    if config.val:
-        wanted = set(config.val)
-        val = [s for s in samples if s.name in wanted or s.name.split("#")[0] in wanted]
-        missing = wanted - {s.name for s in val} - {s.name.split("#")[0] for s in val}
-        if missing:
-            raise ConfigError(f"--val names unknown samples: {', '.join(sorted(missing))}")
-    else:
-        n_val = round(len(samples) * config.val_fraction)
-        order = np.random.default_rng(config.seed).permutation(len(samples))
-        val = [samples[i] for i in sorted(order[:n_val])]
-    val_ids = {id(s) for s in val}
-    train = [s for s in samples if id(s) not in val_ids]
-    if not train:
-        raise ConfigError("no training samples left after the validation split")
-    return train, val
-
-
 def _batch(
     samples: list[Sample], config: TrainConfig, key: tuple[int, ...]
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,14 +159,6 @@ def _batch(
     images = torch.from_numpy(np.stack([c[0] for c in crops]))
     labels = torch.from_numpy(np.stack([c[1] for c in crops]).astype(np.int64))
     return images, labels
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda but no CUDA device is available")
-    return torch.device(name)
 
 
 def _optimizer(params: Any, config: TrainConfig) -> torch.optim.Optimizer:
@@ -275,7 +191,7 @@ def train(config: TrainConfig) -> TrainResult:
         )
     run_dir = Path(config.run_dir)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    device = _device(config.device)
+    device = resolve_device(config.device)
     previous_determinism = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -287,80 +203,94 @@ def train(config: TrainConfig) -> TrainResult:
         model: ESPNet = ESPNet(**{k: v for k, v in card.architecture.items() if k != "name"})
         initialise(model, config.init, config.reference_dir or default_reference_dir())
         model.to(device)
-        rows, val_metrics = _run_stages(model, card, train_set, val_set, weights.to(device), config, device)
+        run = _Training(model, card, config, train_set, val_set, weights.to(device), device)
+        rows, val_metrics = _run_stages(run)
     finally:
         torch.use_deterministic_algorithms(previous_determinism)
     seconds = (time.monotonic() - started, time.process_time() - started_cpu)
-    return _save(model, card, config, train_set, val_set, rows, val_metrics, weights, seconds)
+    return _save(run, rows, val_metrics, seconds)
 
 
-def _run_stages(
-    model: ESPNet,
-    card: ModelCard,
-    train_set: list[Sample],
-    val_set: list[Sample],
-    weights: torch.Tensor,
-    config: TrainConfig,
-    device: torch.device,
-) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+@dataclass(frozen=True)
+class _Training:
+    """What every stage and the final save of one training run share."""
+
+    model: ESPNet
+    card: ModelCard
+    config: TrainConfig
+    train_set: list[Sample]
+    val_set: list[Sample]
+    weights: torch.Tensor  # class weights, on ``device``
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """One stage's network (ESPNet-C for ``encoder``) and its optimiser state."""
+
+    index: int
+    name: str
+    net: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.StepLR
+    scaler: torch.amp.GradScaler
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
+
+    def load(self, checkpoint: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scaler.load_state_dict(checkpoint["scaler"])
+
+
+def _make_stage(run: _Training, index: int, name: str, n_epochs: int) -> _Stage:
+    net: nn.Module = run.model.encoder if name == "encoder" else run.model
+    optimizer = _optimizer(net.parameters(), run.config)
+    step = run.config.lr_step or max(1, -(-n_epochs // 3))
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=run.config.lr_gamma)
+    scaler = torch.amp.GradScaler("cuda", enabled=run.device.type == "cuda")
+    return _Stage(index, name, net, optimizer, scheduler, scaler)
+
+
+def _run_stages(run: _Training) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Every stage, epoch by epoch, with a checkpoint after each epoch (resumed with ``--resume``)."""
+    config = run.config
     ckpt_path = Path(config.run_dir) / "checkpoints" / "last.pt"
     start_stage, start_epoch, rows, ckpt = 0, 0, [], None
     if config.resume:
         if not ckpt_path.is_file():
             raise ConfigError("--resume but no checkpoint found", ckpt_path)
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model.load_state_dict(ckpt["model"])
+        run.model.load_state_dict(ckpt["model"])
         start_stage, start_epoch, rows = ckpt["stage_index"], ckpt["epoch"], list(ckpt["log"])
-    stages = config.stages()
-    use_amp = device.type == "cuda"
     val_metrics = None
-    for stage_index, (stage, n_epochs) in enumerate(stages):
+    for stage_index, (name, n_epochs) in enumerate(config.stages()):
         if stage_index < start_stage:
             continue
-        net: nn.Module = model.encoder if stage == "encoder" else model
-        optimizer = _optimizer(net.parameters(), config)
-        step = config.lr_step or max(1, -(-n_epochs // 3))
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=step, gamma=config.lr_gamma)
-        scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+        stage = _make_stage(run, stage_index, name, n_epochs)
         first_epoch = 0
         if ckpt is not None and stage_index == start_stage:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
+            stage.load(ckpt)
             first_epoch = start_epoch
-        evaluated = _UpsampledEncoder(model.encoder) if stage == "encoder" else model
-        bar = tqdm(
-            total=(n_epochs - first_epoch) * config.steps_per_epoch,
-            desc=f"{stage} stage",
-            disable=not config.progress,
-        )
+        evaluated = _UpsampledEncoder(run.model.encoder) if name == "encoder" else run.model
+        total = (n_epochs - first_epoch) * config.steps_per_epoch
+        bar = tqdm(total=total, desc=f"{name} stage", disable=not config.progress)
         for epoch in range(first_epoch, n_epochs):
             tic = time.monotonic()
-            net.train()
-            losses = []
-            for i in range(config.steps_per_epoch):
-                images, labels = _batch(train_set, config, (stage_index, epoch, i))
-                x = card.normalisation.apply(images.to(device))
-                y = labels.to(device)
-                if stage == "encoder":
-                    y = downsample_labels(y, card.n_classes)
-                with torch.autocast(device.type, enabled=use_amp):
-                    loss = F.cross_entropy(net(x).float(), y, weight=weights, ignore_index=IGNORE_INDEX)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(loss.item())
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            val_metrics = evaluate_model(evaluated, card, val_set, device) if val_set else None
+            loss, lr = _train_epoch(run, stage, epoch, bar)
+            val_metrics = (
+                evaluate_model(evaluated, run.card, run.val_set, run.device) if run.val_set else None
+            )
             row = {
-                "stage": stage,
+                "stage": name,
                 "epoch": epoch + 1,
                 "lr": lr,
-                "loss": float(np.mean(losses)),
+                "loss": loss,
                 "val_miou": "" if val_metrics is None else val_metrics["miou"],
                 "val_pixel_accuracy": "" if val_metrics is None else val_metrics["pixel_accuracy"],
                 "seconds": round(time.monotonic() - tic, 2),
@@ -368,16 +298,8 @@ def _run_stages(
             rows.append(row)
             if val_metrics is not None:
                 bar.set_postfix(loss=f"{row['loss']:.3f}", val_miou=f"{val_metrics['miou']:.3f}")
-            checkpoint = {
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
-                "stage_index": stage_index,
-                "epoch": epoch + 1,
-                "log": rows,
-            }
-            torch.save(checkpoint, ckpt_path.with_suffix(".tmp"))
+            checkpoint = {"model": run.model.state_dict(), **stage.state(), "stage_index": stage_index}
+            torch.save({**checkpoint, "epoch": epoch + 1, "log": rows}, ckpt_path.with_suffix(".tmp"))
             ckpt_path.with_suffix(".tmp").replace(ckpt_path)
             _write_log(rows, Path(config.run_dir))
         bar.close()
@@ -386,25 +308,46 @@ def _run_stages(
     return rows, val_metrics
 
 
+def _train_epoch(run: _Training, stage: _Stage, epoch: int, bar: tqdm) -> tuple[float, float]:
+    """One epoch of ``steps_per_epoch`` steps; returns (mean loss, the epoch's learning rate)."""
+    card, device, use_amp = run.card, run.device, run.device.type == "cuda"
+    stage.net.train()
+    losses = []
+    for i in range(run.config.steps_per_epoch):
+        images, labels = _batch(run.train_set, run.config, (stage.index, epoch, i))
+        x = card.normalisation.apply(images.to(device))
+        y = labels.to(device)
+        if stage.name == "encoder":
+            y = downsample_labels(y, card.n_classes)
+        with torch.autocast(device.type, enabled=use_amp):
+            loss = F.cross_entropy(stage.net(x).float(), y, weight=run.weights, ignore_index=IGNORE_INDEX)
+        stage.optimizer.zero_grad(set_to_none=True)
+        stage.scaler.scale(loss).backward()
+        stage.scaler.step(stage.optimizer)
+        stage.scaler.update()
+        losses.append(loss.item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    lr = stage.scheduler.get_last_lr()[0]
+    stage.scheduler.step()
+    return float(np.mean(losses)), lr
+
+
 def _save(
-    model: ESPNet,
-    card: ModelCard,
-    config: TrainConfig,
-    train_set: list[Sample],
-    val_set: list[Sample],
+    run: _Training,
     rows: list[dict[str, Any]],
     val_metrics: dict[str, Any] | None,
-    weights: torch.Tensor,
     seconds: tuple[float, float],
 ) -> TrainResult:
     """Weights, card (sha256 filled in), log, curves and, with validation, ``val_metrics.json``.
 
     ``seconds`` is (wall, CPU) time; CPU time is what reproducing the model costs elsewhere."""
+    model, card, config = run.model, run.card, run.config
     run_dir = Path(config.run_dir)
     name = config.name or card.name
     weights_path = run_dir / f"{name}.pt"
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, weights_path)
-    fields = yaml.safe_load(card.path.read_text())
+    fields = load_yaml(card.path, ConfigError, "a model card (a YAML mapping)")
     fields["name"] = name
     fields["input"] = {
         "channel_order": card.normalisation.channel_order,
@@ -417,10 +360,10 @@ def _save(
         "command": config.command,
         "stages": [f"{s}:{e}" for s, e in config.stages()],
         "init": str(config.init),
-        "data": [s.name for s in train_set],
-        "val": [s.name for s in val_set],
+        "data": [s.name for s in run.train_set],
+        "val": [s.name for s in run.val_set],
         "val_miou": None if val_metrics is None else val_metrics["miou"],
-        "class_weights": [round(float(w), 4) for w in weights],
+        "class_weights": [round(float(w), 4) for w in run.weights],
         "seed": config.seed,
         "time_s": round(seconds[0], 1),
         "time_cpu_s": round(seconds[1], 1),
