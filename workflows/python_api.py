@@ -5,7 +5,7 @@
 
 ``run_segment`` starts a LocalCluster for the call (``SegmentSettings(workers=0)`` runs in this
 process instead, handy in a debugger); to reuse one cluster for many calls, open a client with
-``wsi_espnet.cluster.start_cluster`` and call ``wsi_espnet.pipeline.segment_slides``.
+``wsi_espnet.cluster.open_client`` and call ``wsi_espnet.pipeline.segment_slides``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_espnet import __version__
-from wsi_espnet.errors import SlideError
+from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput
 from wsi_espnet.tissue import TissueMask
@@ -120,6 +120,14 @@ class RunRecord:
             }
         )
 
+    @classmethod
+    def read(cls, output: SlideOutput) -> RunRecord:
+        """The record ``prepare`` wrote for this run (finalise continues it)."""
+        fields = output.read_run()
+        if fields is None:
+            raise OutputError("run.json is missing; the slide was not prepared", output.root)
+        return cls(fields)
+
     def resumed(self, resumed: bool, timings: dict[str, float]) -> RunRecord:
         """Whether the store was resumed from an earlier partial run, and the prepare timings."""
         return self.with_fields(resumed=resumed, timings=timings)
@@ -155,4 +163,3 @@ class SlidePlan:
     todo: list[tuple[int, int]]
     tissue: TissueMask
     mask_labels: bool
-    record: RunRecord

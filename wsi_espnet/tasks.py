@@ -78,8 +78,8 @@ class _Opened:
     tissue_seconds: float
 
 
-def _open_slide(job: SlideJob, settings: SegmentSettings, card: ModelCard) -> _Opened:
-    with Slide.open(job.path, slide_mpp=job.slide_mpp or settings.slide_mpp) as slide:
+def _open_slide(path: Path, slide_mpp: float | None, settings: SegmentSettings, card: ModelCard) -> _Opened:
+    with Slide.open(path, slide_mpp=slide_mpp) as slide:
         mpp = settings.mpp or card.mpp
         grid = TileGrid(slide.analysis_shape(mpp), settings.tile, settings.halo)
         _check_resolution(slide, mpp, grid.shape)
@@ -103,7 +103,8 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             area = ((output.read_run() or {}).get("statistics") or {}).get("tissue_area_mm2")
             return Skipped(job, area)
         card = load_card(settings.model)
-        opened = _open_slide(job, settings, card)
+        given_mpp = job.slide_mpp or settings.slide_mpp  # the job's override wins over the run's
+        opened = _open_slide(job.path, given_mpp, settings, card)
         grid, mpp = opened.grid, opened.mpp
         selected = grid.select(opened.tissue, mpp) if settings.tissue_detection else grid.chunks
         store_params = _store_params(card, settings, mpp, grid)
@@ -114,8 +115,7 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         todo = [c.index for c in selected if c.index not in done]
         provenance = {
             "model": _model_record(card),
-            "parameters": settings.as_record()
-            | {"mpp": mpp, "slide_mpp": job.slide_mpp or settings.slide_mpp},
+            "parameters": settings.as_record() | {"mpp": mpp, "slide_mpp": given_mpp},
             "slide_metadata": opened.metadata,
             "tiles": {
                 "total": len(grid.chunks),
@@ -126,11 +126,9 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             "store_params": store_params,
         }
         timings = {"prepare_s": time.perf_counter() - start, "tissue_detection_s": opened.tissue_seconds}
-        record = RunRecord.start(job, output, provenance).resumed(resumed, timings)
-        record.write(output)
-        slide_mpp = float(opened.metadata["mpp"])
-        mask = settings.tissue_detection
-        return SlidePlan(job, output, grid, mpp, slide_mpp, todo, opened.tissue, mask, record)
+        RunRecord.start(job, output, provenance).resumed(resumed, timings).write(output)
+        slide_mpp = float(opened.metadata["mpp"])  # what the slide's file (or the override) says
+        return SlidePlan(job, output, grid, mpp, slide_mpp, todo, opened.tissue, settings.tissue_detection)
     except WsiEspnetError as exc:
         return Failed(job, str(exc))
 
@@ -296,7 +294,7 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, tiles_processed: l
     area = float(stats["tissue_area_mm2"])
     warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
     processed = int(sum(tiles_processed))
-    record = plan.record.finished(processed, timings, area)
+    record = RunRecord.read(plan.output).finished(processed, timings, area)
     record.write(plan.output)
     t0 = time.perf_counter()
     if settings.formats:
