@@ -157,3 +157,22 @@ def test_no_tissue_slide_finishes_with_zero_area(tissue_card, tmp_path):
     assert results[0].tissue_area_mm2 == 0
     geo = json.loads((tmp_path / "out" / "blank" / "blank.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and geo["features"] == []
+
+
+def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path):
+    """A slide that disappears (or turns unreadable) after prepare fails its infer task as a
+    value naming the file once, not as an exception that Dask would retry."""
+    import shutil
+
+    from wsi_espnet.runstate import Failed, SlidePlan
+    from wsi_espnet.tasks import infer_chunks, prepare_slide, run_finalise
+
+    slide = shutil.copy(small_slide, tmp_path / "moved.tif")
+    settings = _settings(tissue_card, workers=0)
+    plan = prepare_slide(SlideJob(slide), tmp_path / "out", settings)
+    assert isinstance(plan, SlidePlan) and plan.todo
+    (tmp_path / "moved.tif").unlink()
+    failed = infer_chunks(plan, plan.todo[:1], settings.inference)
+    assert isinstance(failed, Failed) and failed.error.count("moved.tif") == 1
+    assert run_finalise(plan, settings.outputs, failed) == failed  # finalise does not run
+    assert json.loads((tmp_path / "out" / "moved" / "run.json").read_text())["status"] == "running"
