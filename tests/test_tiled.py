@@ -13,7 +13,7 @@ from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import load_card
 from wsi_espnet.predict import Predictor
 from wsi_espnet.slide import Slide
-from wsi_espnet.tiled import batch_blocks, image_reader, infer_block, infer_blocks, infer_image
+from wsi_espnet.tiled import batch_blocks, image_reader, infer_block, infer_blocks, infer_image, slide_reader
 
 CMU1 = "wsi_aperio_cmu1_small_region/CMU-1-Small-Region.svs"
 
@@ -27,10 +27,6 @@ def predictor(tissue_card: Path) -> Predictor:
 def cmu1(shared_data: Path):
     with Slide.open(shared_data / CMU1) as slide:
         yield slide
-
-
-def _reader(slide: Slide, mpp: float):
-    return lambda y, x, h, w: slide.read_region(x, y, w, h, mpp)
 
 
 def _chunk_path(slide: Slide, predictor: Predictor, grid: TileGrid, indices, mpp: float) -> dict:
@@ -50,7 +46,7 @@ def test_block_agrees_with_one_window_and_with_chunks(cmu1: Slide, predictor: Pr
     grid = TileGrid(cmu1.analysis_shape(1.0), 64, 256)  # segment's halo; small chunks keep it quick
     owned = ((10, 8), (10, 9), (11, 8), (11, 9))  # 2 x 2 chunks inside the tissue
     block = Block(10, 8, 2, 2, owned)
-    read = _reader(cmu1, 1.0)
+    read = slide_reader(cmu1, 1.0)
     got = {chunk.index: (s, lab) for chunk, s, lab in infer_block(read, predictor, block, grid)}
     assert sorted(got) == sorted(owned)
     # The block's core is analysis rows 640-768, columns 512-640. One window over that region
@@ -88,7 +84,7 @@ def test_infer_image_is_the_chunk_path(cmu1: Slide, predictor: Predictor) -> Non
     assert {(b.rows, b.cols) for b in blocks} != {(1, 1)}
     blocked = infer_image(image, predictor, 128, 64, block_chunks=2)
     from_slide = np.zeros(shape, np.uint8)
-    for chunk, _, labels in infer_blocks(_reader(cmu1, mpp), predictor, blocks, grid, batch_size=2):
+    for chunk, _, labels in infer_blocks(slide_reader(cmu1, mpp), predictor, blocks, grid, batch_size=2):
         from_slide[chunk.y0 : chunk.y0 + chunk.h, chunk.x0 : chunk.x0 + chunk.w] = labels
     assert np.array_equal(blocked.labels, from_slide)
     assert blocked.scores.shape == (predictor.card.n_classes, *shape)

@@ -16,6 +16,7 @@ from wsi_espnet.block_size import choose_block_chunks
 from wsi_espnet.blocks import Block, plan_blocks
 from wsi_espnet.grid import Chunk, TileGrid
 from wsi_espnet.predict import Prediction, Predictor
+from wsi_espnet.slide import Slide
 
 # (y, x, height, width) in analysis pixels → RGB uint8 (height, width, 3); white outside the image,
 # the contract of Slide.read_region (whose argument order is x, y, width, height).
@@ -85,6 +86,11 @@ def image_reader(image: np.ndarray) -> ReadWindow:
         return out
 
     return read
+
+
+def slide_reader(slide: Slide, mpp: float) -> ReadWindow:
+    """A :data:`ReadWindow` over ``slide`` at analysis resolution ``mpp`` (white outside it)."""
+    return lambda y, x, h, w: slide.read_region(x, y, w, h, mpp)
 
 
 def infer_image(
