@@ -127,6 +127,7 @@ def test_block_size_from_memory_budget() -> None:
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=1) == 1  # a lone chunk at least
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=10**15) == 8  # capped at 4096 px
     assert 1 <= choose_block_chunks("cpu", 4, 512, 256) <= 8  # from the RAM available now
+    assert choose_block_chunks("cuda", 4, 512, 256, budget_bytes=4 * exact) == 3  # batch of 4 on a GPU
 
 
 def test_block_option_is_a_multiple_of_the_tile() -> None:
