@@ -53,7 +53,7 @@ def test_absent_classes_do_not_count_and_iou_is_global() -> None:
     assert m["miou"] == pytest.approx((101 / 102 + 0) / 2)
 
 
-def test_evaluate_model_with_known_predictions(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_evaluate_model_with_known_predictions() -> None:
     card = load_card("breast-tissue-espnet")
     card = dataclasses.replace(card, normalisation=Normalisation(mean=(0.0,) * 3, std=(1.0,) * 3))
     image = np.zeros((300, 200, 3), np.uint8)
@@ -64,9 +64,7 @@ def test_evaluate_model_with_known_predictions(monkeypatch: pytest.MonkeyPatch) 
     assert whole["iou"]["benign_epithelium"] == pytest.approx(0.5)
     assert whole["iou"]["background"] == 0.0
     assert whole["pixels"] == 250 * 200
-    monkeypatch.setattr(ev, "MAX_WHOLE_SIDE", 96)  # force the tiled path on the same image
-    monkeypatch.setattr(ev, "TILE_HALO", 8)
-    tiled = ev.predict_labels(RedIsOne(), card.normalisation, image)
+    tiled = ev.predict_labels(RedIsOne(), card, image, geometry=(32, 8))  # 10 x 7 chunks, white margin
     assert np.array_equal(tiled, (image[..., 0] > 127).astype(np.uint8))
 
 

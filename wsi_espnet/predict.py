@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
 from wsi_espnet.devices import resolve_device
 from wsi_espnet.models.cards import ModelCard
@@ -32,13 +33,17 @@ class Prediction:
 class Predictor:
     """A model card's network on one device, turning uint8 NHWC tiles into class maps."""
 
-    def __init__(self, card: ModelCard, device: str = "auto") -> None:
+    def __init__(self, card: ModelCard, device: str = "auto", model: nn.Module | None = None) -> None:
+        """``model`` (already built, e.g. the network being trained) replaces the card's weights;
+        ``card`` then only supplies the input normalisation. That is how train-time validation
+        and ``evaluate`` run through exactly the code that ``segment`` runs."""
         self.card = card
         self.device = resolve_device(device)
-        model = card.build_model().to(self.device)
-        if self.device.type == "cuda":
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        if model is None:
+            model = card.build_model().to(self.device)
+            if self.device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+        self.model = model.to(self.device).eval()
         # A model is shared by a worker's threads; PyTorch modules in eval mode are
         # re-entrant, but cuDNN autotuning and autocast state are not worth racing on.
         self._lock = threading.Lock()

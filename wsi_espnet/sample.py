@@ -100,6 +100,23 @@ def write_sample_slide(
     return path
 
 
+def tissue_layout(
+    width: int, height: int, mpp: float, tissue_fraction: float, seed: int = 0, mask_mpp: float = 16.0
+) -> np.ndarray:
+    """Where :func:`write_sample_slide` (same size, fraction and seed) puts tissue, as a boolean
+    mask at ``mask_mpp`` µm/px, read straight off its coarse tissue field without rendering.
+
+    It omits the fragments' ragged edges and lumina, so it is within a mask pixel of what
+    tissue detection finds on the written slide. Planning a 40x slide this way takes
+    milliseconds instead of the minutes that writing it takes.
+    """
+    fields = _Fields.create(width, height, tissue_fraction, np.random.default_rng(seed))
+    step = mask_mpp / mpp  # level-0 pixels per mask pixel
+    rows = (np.arange(math.ceil(height / step)) + 0.5) * step - 0.5
+    cols = (np.arange(math.ceil(width / step)) + 0.5) * step - 0.5
+    return fields.sample(fields.tissue, rows, cols) > 0
+
+
 def _level_downsamples(width: int, height: int) -> list[int]:
     """Powers of two from 1 until the level's long side is below ``_MIN_LEVEL_SIDE``."""
     downs = [1]

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one global confusion matrix, and whole-region inference.
+"""Segmentation metrics from one global confusion matrix, over regions tiled as ``segment`` tiles.
 
 IoU is computed once from the confusion matrix summed over every evaluated pixel, never as an
 average of per-image or per-batch IoUs: averaging ratios over-weights small images and classes
@@ -14,12 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from wsi_espnet.models.cards import ModelCard, Normalisation
+from wsi_espnet.config import SegmentSettings
+from wsi_espnet.models.cards import ModelCard
+from wsi_espnet.predict import Predictor
+from wsi_espnet.tiled import infer_image
 from wsi_espnet.train.datasets import IGNORE_INDEX, Sample
-
-# Regions larger than this (per side, analysis px) are predicted tile by tile to bound memory.
-MAX_WHOLE_SIDE = 2048
-TILE_HALO = 64
 
 
 def confusion_matrix(truth: np.ndarray, pred: np.ndarray, n_classes: int) -> np.ndarray:
@@ -50,47 +49,38 @@ def metrics_from_confusion(cm: np.ndarray, class_names: Sequence[str]) -> dict[s
     }
 
 
-@torch.no_grad()
-def _logits(model: nn.Module, norm: Normalisation, image: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = norm.apply(torch.tensor(np.asarray(image, dtype=np.uint8))[None].to(device))
-    return model(x)[0]
-
-
 def predict_labels(
-    model: nn.Module, norm: Normalisation, image: np.ndarray, device: torch.device | str = "cpu"
+    model: nn.Module,
+    card: ModelCard,
+    image: np.ndarray,
+    device: torch.device | str = "cpu",
+    geometry: tuple[int, int] = (SegmentSettings.tile, SegmentSettings.halo),
 ) -> np.ndarray:
-    """Argmax labels (H, W) uint8 of an RGB region at the model's mpp.
+    """Argmax labels (H, W) uint8 of an RGB region at the model's mpp, tiled as ``segment`` tiles.
 
-    The model pads to its stride itself. Regions larger than MAX_WHOLE_SIDE are cut into tiles
-    predicted with a TILE_HALO context margin that is then discarded, so tile borders do not show.
+    ``geometry`` is (tile, halo), ``segment``'s defaults unless told otherwise. The region goes
+    through :func:`wsi_espnet.tiled.infer_image`: the same chunk grid, block plan, halo and white
+    margin as a slide, so a score measured here is a score of what ``segment`` writes.
     """
-    device = torch.device(device)
-    model.eval()
-    h, w = image.shape[:2]
-    if max(h, w) <= MAX_WHOLE_SIDE:
-        return _logits(model, norm, image, device).argmax(0).byte().cpu().numpy()
-    out = np.empty((h, w), np.uint8)
-    step = MAX_WHOLE_SIDE - 2 * TILE_HALO
-    for y in range(0, h, step):
-        for x in range(0, w, step):
-            y0, x0 = max(0, y - TILE_HALO), max(0, x - TILE_HALO)
-            y1, x1 = min(h, y + step + TILE_HALO), min(w, x + step + TILE_HALO)
-            pred = _logits(model, norm, image[y0:y1, x0:x1], device).argmax(0).byte().cpu().numpy()
-            th, tw = min(step, h - y), min(step, w - x)
-            out[y : y + th, x : x + tw] = pred[y - y0 : y - y0 + th, x - x0 : x - x0 + tw]
-    return out
+    tile, halo = geometry
+    return infer_image(image, Predictor(card, str(device), model=model), tile, halo).labels
 
 
 def evaluate_model(
-    model: nn.Module, card: ModelCard, samples: Sequence[Sample], device: torch.device | str = "cpu"
+    model: nn.Module,
+    card: ModelCard,
+    samples: Sequence[Sample],
+    device: torch.device | str = "cpu",
+    geometry: tuple[int, int] = (SegmentSettings.tile, SegmentSettings.halo),
 ) -> dict[str, Any]:
-    """Metrics of ``model`` over ``samples`` (only labelled pixels count), plus per-sample mIoU."""
+    """Metrics of ``model`` over ``samples`` (only labelled pixels count), plus per-sample mIoU.
+
+    Each sample is predicted as :func:`predict_labels` predicts it (``segment``'s tiling)."""
     total = np.zeros((card.n_classes, card.n_classes), np.int64)
     per_sample = {}
     for sample in samples:
-        cm = confusion_matrix(
-            sample.labels, predict_labels(model, card.normalisation, sample.image, device), card.n_classes
-        )
+        predicted = predict_labels(model, card, sample.image, device, geometry)
+        cm = confusion_matrix(sample.labels, predicted, card.n_classes)
         per_sample[sample.name] = metrics_from_confusion(cm, [c.name for c in card.classes])["miou"]
         total += cm
     result = metrics_from_confusion(total, [c.name for c in card.classes])

@@ -1,0 +1,62 @@
+"""How many chunks a side an inference block may have: from the device's memory, or ``--block``.
+
+A larger block wastes less of the network's work on halos (a k x k block of 512-px chunks with a
+256-px halo costs ((k + 1) / k)^2 input pixels per output pixel), and the network's cost per
+input pixel is flat in the window size, so the block is as large as memory allows, up to a cap.
+"""
+
+from __future__ import annotations
+
+import math
+
+import psutil
+import torch
+
+from wsi_espnet.errors import ConfigError
+
+# Peak resident memory of one ESPNet forward pass (shipped breast-tissue card, CPU, fp32,
+# torch.inference_mode, crop=halo, softmax and argmax included) per input pixel. Measured as
+# ru_maxrss deltas in fresh processes (2 threads, torch 2.13) after a 64-px warm-up:
+# window 1024: +267 MiB, 2048: +795 MiB, 3072: +1788 MiB; the slope between 2048 and 3072 is
+# 993 MiB / 5.24 MPx = 199 B/px (and 199 B/px of either window alone). 1024 carries allocator
+# and oneDNN start-up overhead. Rounded up for the uint8 window and the prefetched next one.
+BYTES_PER_INPUT_PX = 220
+# Share of the memory available now that one forward pass may take, on CPU: a Dask worker also
+# holds the slide reader, the zarr write buffers and, with several workers, other workers' passes.
+CPU_BUDGET_SHARE = 0.25
+# Share of free GPU memory for the batch: the rest is cuDNN workspace and allocator slack.
+# bf16 activations need about half the CPU figure; the CPU constant is kept as a safe bound
+# (not measured on a GPU in this session).
+CUDA_BUDGET_SHARE = 0.8
+# Largest block core per side in pixels. Beyond 4096 px (8 chunks of 512) the halo share falls
+# only from 1.27x to 1.13x at 8192 px, tissue fragments seldom fill such rectangles, and one
+# failed block would redo a 21-MPx window; the planner's work also grows as k^2.
+MAX_CORE_PX = 4096
+
+
+def choose_block_chunks(
+    device: torch.device | str, batch_size: int, tile: int, halo: int, budget_bytes: int | None = None
+) -> int:
+    """The largest block edge, in chunks, whose ``batch_size`` windows fit the memory budget.
+
+    ``budget_bytes`` defaults to a share of the RAM available now (CPU) or of the GPU's free
+    memory (CUDA). Never less than 1 (a lone chunk's window is what ran before blocks existed),
+    never more than ``MAX_CORE_PX // tile``.
+    """
+    device = torch.device(device)
+    if budget_bytes is None:
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget_bytes = int(free * CUDA_BUDGET_SHARE)
+        else:
+            budget_bytes = int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+    per_window_px = budget_bytes / (max(batch_size, 1) * BYTES_PER_INPUT_PX)
+    fits = math.floor((math.sqrt(max(per_window_px, 0.0)) - 2 * halo) / tile)
+    return max(1, min(fits, MAX_CORE_PX // tile))
+
+
+def block_chunks_from_pixels(block_px: int, tile: int) -> int:
+    """``--block`` (analysis pixels per side, a positive multiple of the tile) → chunks per side."""
+    if block_px < tile or block_px % tile:
+        raise ConfigError(f"--block must be a positive multiple of --tile ({tile} px), got {block_px}")
+    return block_px // tile
