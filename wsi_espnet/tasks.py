@@ -309,10 +309,10 @@ def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings
             prediction = predictor.predict(windows, crop=settings.halo)
             for j, chunk in enumerate(batch):
                 labels = prediction.labels[j, : chunk.h, : chunk.w]
-                if settings.tissue_detection:
-                    labels = np.where(
-                        plan.tissue.region(chunk.y0, chunk.x0, chunk.h, chunk.w, plan.mpp), labels, 0
-                    )
+                if settings.tissue_detection:  # tissue at analysis resolution, from the whole window
+                    y, x, _, _ = grid.window(chunk)
+                    tissue = plan.tissue.refine(windows[j], y, x, plan.mpp)[grid.core(chunk)]
+                    labels = np.where(tissue, labels, 0)
                 store.write_chunk(chunk.index, prediction.scores[j, :, : chunk.h, : chunk.w], labels)
     first = chunk_indices[0]
     ProgressLog(plan.output.progress_dir).record(f"{first[0]}-{first[1]}-{len(chunk_indices)}", chunk_indices)
