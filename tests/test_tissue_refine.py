@@ -28,8 +28,8 @@ def _tiled(slide: Slide, tissue: TissueMask, tile: int, halo: int = 256) -> np.n
     out = np.zeros(shape, bool)
     for chunk in grid.chunks:
         y, x, h, w = grid.window(chunk)
-        refined = tissue.refine(slide.read_region(x, y, w, h, MPP), y, x, MPP)
-        out[chunk.y0 : chunk.y0 + chunk.h, chunk.x0 : chunk.x0 + chunk.w] = refined[grid.core(chunk)]
+        refined = tissue.refine(slide.read_region(x, y, w, h, MPP), y, x, MPP, grid.core(chunk))
+        out[chunk.y0 : chunk.y0 + chunk.h, chunk.x0 : chunk.x0 + chunk.w] = refined
     return out
 
 

@@ -311,7 +311,7 @@ def infer_chunks(plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings
                 labels = prediction.labels[j, : chunk.h, : chunk.w]
                 if settings.tissue_detection:  # tissue at analysis resolution, from the whole window
                     y, x, _, _ = grid.window(chunk)
-                    tissue = plan.tissue.refine(windows[j], y, x, plan.mpp)[grid.core(chunk)]
+                    tissue = plan.tissue.refine(windows[j], y, x, plan.mpp, grid.core(chunk))
                     labels = np.where(tissue, labels, 0)
                 store.write_chunk(chunk.index, prediction.scores[j, :, : chunk.h, : chunk.w], labels)
     first = chunk_indices[0]

@@ -49,6 +49,7 @@ class TissueSettings:
     refine_smoothing_um: float = 2.0  # Gaussian sigma on the RGB pixels before the test
     refine_reach_um: float = 48.0  # refined tissue only this close to the thumbnail mask
     refine_min_object_um2: float = 200.0  # drop specks smaller than this (a few cells)
+    refine_context_um: float = 192.0  # context a chunk's refinement sees: > the largest filled hole (160 µm)
 
 
 @dataclass(frozen=True)
@@ -90,14 +91,27 @@ class TissueMask:
         """Fragment ids (int32) for the analysis-resolution window (y0, x0, h, w) at ``mpp``."""
         return self._resample(self.fragments, y0, x0, h, w, mpp)
 
-    def refine(self, rgb: np.ndarray, y0: int, x0: int, mpp: float) -> np.ndarray:
-        """Tissue (bool, window-shaped) of the RGB analysis window at (y0, x0) and ``mpp``.
+    def refine(
+        self, rgb: np.ndarray, y0: int, x0: int, mpp: float, core: tuple[slice, slice] | None = None
+    ) -> np.ndarray:
+        """Tissue (bool) of the RGB analysis window at (y0, x0) and ``mpp``; only ``core`` of it
+        (slices into the window, e.g. ``TileGrid.core``) when given.
 
-        Pass the whole model input (chunk plus halo), not just the chunk, and crop the result:
-        speck and hole decisions near the chunk's edge then see the neighbouring pixels, so
-        adjacent chunks agree. Outside the slide (white padding) is glass. Without a
+        Pass the whole model input (chunk plus halo), not just the chunk: speck and hole
+        decisions near the chunk's edge then see ``settings.refine_context_um`` of neighbouring
+        pixels, so adjacent chunks agree. Only the core and that context are processed (at the
+        default halo, 77 % of the window). Outside the slide (white padding) is glass. Without a
         thumbnail threshold (``--no-tissue-detection``) this is :meth:`region`.
         """
+        if core is not None:
+            margin = math.ceil(self.settings.refine_context_um / mpp)
+            ys = slice(max(core[0].start - margin, 0), min(core[0].stop + margin, rgb.shape[0]))
+            xs = slice(max(core[1].start - margin, 0), min(core[1].stop + margin, rgb.shape[1]))
+            inner = (
+                slice(core[0].start - ys.start, core[0].stop - ys.start),
+                slice(core[1].start - xs.start, core[1].stop - xs.start),
+            )
+            return self.refine(rgb[ys, xs], y0 + ys.start, x0 + xs.start, mpp)[inner]
         h, w = rgb.shape[:2]
         if self.saturation_threshold is None:
             return self.region(y0, x0, h, w, mpp)
@@ -106,7 +120,7 @@ class TissueMask:
         if not near.any():
             return near
         sigma = self.settings.refine_smoothing_um / mpp
-        smooth = ndimage.gaussian_filter(rgb.astype(np.float32), (sigma, sigma, 0)) if sigma > 0 else rgb
+        smooth = ndimage.gaussian_filter(rgb, (sigma, sigma, 0), output=np.float32) if sigma > 0 else rgb
         tissue = tissue_pixels(smooth, self.saturation_threshold, self.settings.max_dark_value) & near
         px_area = mpp * mpp
         tissue = _clean(
