@@ -56,6 +56,24 @@ def test_three_containers_of_the_same_pixels_agree(real_runs):
     assert (labels["svs"] == labels["ome-tiff"]).mean() > 0.95
 
 
+def test_labels_are_cut_at_analysis_resolution(real_runs, shared_data):
+    """Labelled tissue stops where the 1 µm/px pixels stop being tissue, not on the 16 µm/px
+    thumbnail's staircase: outside the refined mask (computed once over the whole image) there
+    are no labels, though the thumbnail mask covers 0.03 mm² more there."""
+    from wsi_espnet.slide import Slide
+    from wsi_espnet.tissue import detect_tissue
+
+    labels = real_runs["svs"][0][0].labels(0)[:]
+    with Slide.open(shared_data / SLIDES["svs"]) as slide:
+        tissue = detect_tissue(slide)
+        rgb = slide.read_region(0, 0, labels.shape[1], labels.shape[0], 1.0)
+    refined = tissue.refine(rgb, 0, 0, 1.0)
+    coarse = tissue.region(0, 0, *labels.shape, 1.0)
+    assert (coarse & ~refined).sum() > 20_000  # the staircase and gaps the old mask labelled
+    assert ((labels > 0) & ~refined).mean() < 0.001  # tiled vs whole-image edges: measured 0.02 %
+    assert ((labels > 0) & refined).sum() > 0.85 * refined.sum()  # the model labels the tissue
+
+
 def test_default_halo_makes_seams_invisible(shared_data, tmp_path):
     """Labels from 256-px tiles equal those from one tile over the whole image (>= 99.9 %)."""
     slide = shared_data / SLIDES["svs"]

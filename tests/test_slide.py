@@ -174,7 +174,7 @@ def test_bad_inputs_raise_slide_errors_naming_the_file(tmp_path, sample):
     truncated.write_bytes(data[: len(data) // 2])
     cases = {
         tmp_path / "missing.svs": "no such file",
-        tmp_path: "is a directory",
+        tmp_path: "folder without DICOM files",
         png: "not a readable whole-slide image",
         text: "not a readable whole-slide image",
         empty: "empty",

@@ -30,8 +30,14 @@ SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "tiles_processed", "tis
 
 
 def slide_stem(path: Path) -> str:
-    """``CMU-1.ome.tif`` → ``CMU-1``: the name of the slide's output folder and files."""
+    """``CMU-1.ome.tif`` → ``CMU-1``: the name of the slide's output folder and files.
+
+    A DICOM WSI folder keeps its whole name: its dots are not an extension (IDC names folders
+    by series UID, ``1.2.826.0.1...``).
+    """
     name = path.name
+    if path.is_dir():
+        return name
     for suffix in OME_SUFFIXES:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]

@@ -5,8 +5,11 @@ module is the only place that knows about pyramid levels, backends and vendor qu
 
 Backend choice: OME-TIFF goes to tiffslide because openslide 4 reads only the first level of a
 SubIFD pyramid; everything else goes to openslide (the reference reader for vendor formats),
-falling back to tiffslide for TIFFs openslide rejects. Pyramid levels are always chosen by
-downsample, never by index: the two backends disagree on level counts for some formats.
+falling back to tiffslide for TIFFs openslide rejects. A DICOM WSI is a folder of ``.dcm`` files
+(one per level, label, overview): it opens as the folder, or as any one file of the series,
+through openslide 4, which finds the series' other files in the same folder itself. Pyramid
+levels are always chosen by downsample, never by index: the two backends disagree on level
+counts for some formats.
 
 Thread safety: one :class:`Slide` may be shared by the threads of a Dask worker. An openslide
 handle "can be used concurrently from multiple threads without locking" (OpenSlide docs);
@@ -28,6 +31,7 @@ import tifffile
 import tiffslide
 from PIL import Image
 
+from wsi_espnet.dicom import dicom_file
 from wsi_espnet.errors import SlideError
 from wsi_espnet.outputs import OME_SUFFIXES
 
@@ -98,12 +102,15 @@ class Slide:
         path = Path(path)
         if not path.exists():
             raise SlideError("no such file", path)
-        if path.is_dir():
-            raise SlideError("is a directory, not a slide file", path)
-        if path.stat().st_size == 0:
-            raise SlideError("file is empty (0 bytes)", path)
         if slide_mpp is not None and not (math.isfinite(slide_mpp) and slide_mpp > 0):
             raise SlideError(f"--slide-mpp must be a positive number of µm per pixel, got {slide_mpp}", path)
+        if path.is_dir():
+            series = dicom_file(path)
+            if series is None:
+                raise SlideError("is a folder without DICOM files, not a slide (name its files)", path)
+            return cls(path, _open_backend(series), slide_mpp)
+        if path.stat().st_size == 0:
+            raise SlideError("file is empty (0 bytes)", path)
         _check_tiff_complete(path)
         return cls(path, _open_backend(path), slide_mpp)
 
@@ -329,23 +336,28 @@ def _tiff_resolution_mpp(path: Path) -> float | None:
 
 
 def find_slides(paths: list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
-    """Slide files named by ``paths``, each folder expanded (not recursively) into its slides.
+    """Slides named by ``paths``, each folder expanded (not recursively) into its slides.
 
-    Files named explicitly are kept whatever their extension (the user chose them); folders
-    contribute files with a known slide extension, sorted. Duplicates are dropped, order kept.
+    Files named explicitly are kept whatever their extension (the user chose them). A folder
+    holding DICOM files is one DICOM WSI; any other folder contributes its files with a known
+    slide extension and its subfolders that are DICOM WSIs (an IDC download: one folder per
+    slide), sorted. Duplicates are dropped, order kept.
     """
     found: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise SlideError("no such file or folder", path)
-        if path.is_dir():
-            inside = sorted(
-                p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(SLIDE_EXTENSIONS)
-            )
-            if not inside:
-                raise SlideError(f"folder contains no slides ({', '.join(SLIDE_EXTENSIONS)})", path)
-            found.extend(inside)
-        else:
+        if not path.is_dir() or dicom_file(path) is not None:
             found.append(path)
+            continue
+        inside = sorted(
+            p
+            for p in path.iterdir()
+            if (p.is_file() and p.name.lower().endswith(SLIDE_EXTENSIONS))
+            or (p.is_dir() and dicom_file(p) is not None)
+        )
+        if not inside:
+            raise SlideError(f"folder contains no slides ({', '.join(SLIDE_EXTENSIONS)}, DICOM)", path)
+        found.extend(inside)
     return list(dict.fromkeys(found))

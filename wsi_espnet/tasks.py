@@ -268,10 +268,16 @@ def _infer(
             prediction = predictor.predict(windows, crop=grid.halo)
             for j, chunk in enumerate(batch):
                 labels = prediction.labels[j, : chunk.h, : chunk.w]
-                if plan.mask_labels:
-                    labels = np.where(
-                        plan.tissue.region(chunk.y0, chunk.x0, chunk.h, chunk.w, plan.mpp), labels, 0
+                if plan.mask_labels:  # tissue at analysis resolution, from the whole window
+                    y, x, _, _ = grid.window(chunk)
+                    tissue = plan.tissue.refine(
+                        windows[j],
+                        y,
+                        x,
+                        plan.mpp,
+                        (slice(grid.halo, grid.halo + chunk.h), slice(grid.halo, grid.halo + chunk.w)),
                     )
+                    labels = np.where(tissue, labels, 0)
                 store.write_chunk(chunk.index, prediction.scores[j, :, : chunk.h, : chunk.w], labels)
 
 
