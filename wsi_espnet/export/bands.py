@@ -1,18 +1,19 @@
 """Connected class regions of a label map, vectorised band by band in memory bounded by one band.
 
-The map is read in horizontal bands of one chunk row. Each band is vectorised on its own
-(``rasterio.features.shapes``, 4-connected, pixel-edge polygons in integer pixel coordinates).
-A region can continue across the seam between two bands; pieces that touch the band's lower
-edge stay *open*, and the next band's pieces that touch its upper edge are linked to them
-where the same class lies on both sides of the seam over a pixel or more. A region whose
+The map is read in horizontal bands of one chunk row. Each chunk of a band is vectorised on its
+own (``rasterio.features.shapes``, 4-connected, pixel-edge polygons in integer pixel
+coordinates). A region can continue across the seams between chunks and between bands; pieces
+that touch the band's lower edge stay *open*, and the next band's pieces that touch its upper
+edge are linked to them (as pieces are to their left neighbours within a band) where the same
+class lies on both sides of the seam over a pixel or more. A region whose
 pieces no longer reach the band's lower edge is *closed*: its pieces are dissolved into one
 polygon (a union of a handful of pieces that share only straight seam edges) and it is
 yielded straight away. Memory is therefore one band plus the regions that cross it; time is
 linear in the map's area (no global union of a class).
 
-Simplification happens inside each band, before any merging, as a *coverage*: all polygons
-of the band, background included, go through ``shapely.coverage_simplify`` together, with the
-band's outline held fixed (``simplify_boundary=False``). Every boundary between two regions
+Simplification happens inside each chunk, before any merging, as a *coverage*: all polygons
+of the chunk, background included, go through ``shapely.coverage_simplify`` together, with the
+chunk's outline held fixed (``simplify_boundary=False``). Every boundary between two regions
 is simplified once, in one place, so neighbouring classes keep one shared boundary (no gaps,
 no overlaps), and the seams stay exact pixel edges with their vertices in place, so pieces on
 either side of a seam still match vertex for vertex when they are dissolved. Edges are
@@ -56,25 +57,33 @@ def iter_regions(labels: zarr.Array, tolerance: float) -> Iterator[Region]:
     """Every region of every non-background class, in the order they close (top to bottom).
 
     ``tolerance`` is the coverage-simplification tolerance in pixels of ``labels`` (0: exact
-    pixel edges).
+    pixel edges). Each stored chunk is vectorised and simplified on its own (GEOS coverage
+    simplification is super-linear in the size of one coverage), so a band's cost is linear in
+    its width; its pieces are linked across the chunk seams like the band seams.
     """
-    height = labels.shape[0]
-    band_rows = (labels.shards or labels.chunks)[0]
+    height, width = labels.shape
+    chunk_h, chunk_w = labels.shards or labels.chunks
     open_regions: list[Region] = []
-    for y0 in range(0, height, band_rows):
-        y1 = min(y0 + band_rows, height)
+    for y0 in range(0, height, chunk_h):
+        y1 = min(y0 + chunk_h, height)
         band = np.asarray(labels[y0:y1, :])
-        pieces = _band_pieces(band, y0, tolerance) if (band != BACKGROUND).any() else []
-        closed, open_regions = _link(open_regions, pieces, y0, y1 if y1 < height else None)
+        pieces = []
+        for x0 in range(0, width, chunk_w):
+            block = band[:, x0 : x0 + chunk_w]
+            if (block != BACKGROUND).any():
+                pieces.extend(_block_pieces(block, (x0, y0), tolerance))
+        closed, open_regions = _link(open_regions, pieces, (y0, y1 if y1 < height else None), chunk_w)
         yield from closed
     yield from open_regions
 
 
-def _band_pieces(band: np.ndarray, y0: int, tolerance: float) -> list[tuple[int, Polygon, Polygon]]:
-    """``(value, exact piece, simplified piece)`` for each non-background polygon of one band."""
-    transform = Affine.translation(0, y0)
-    mask = None if tolerance > 0 else band != BACKGROUND  # background is only needed to simplify
-    shapes = list(rasterio.features.shapes(band, mask=mask, transform=transform))
+def _block_pieces(
+    block: np.ndarray, origin: tuple[int, int], tolerance: float
+) -> list[tuple[int, Polygon, Polygon]]:
+    """``(value, exact piece, simplified piece)`` for each non-background polygon of one chunk."""
+    transform = Affine.translation(*origin)
+    mask = None if tolerance > 0 else block != BACKGROUND  # background is only needed to simplify
+    shapes = list(rasterio.features.shapes(block, mask=mask, transform=transform))
     values = np.array([int(value) for _, value in shapes])
     exact = np.array([shapely.geometry.shape(geometry) for geometry, _ in shapes], dtype=object)
     simplified = exact
@@ -85,31 +94,62 @@ def _band_pieces(band: np.ndarray, y0: int, tolerance: float) -> list[tuple[int,
     return list(zip(values[keep].tolist(), exact[keep], simplified[keep], strict=True))
 
 
-def _seam_intervals(polygon: Polygon, y: float) -> list[tuple[float, float]]:
-    """The x intervals (positive length) along which ``polygon``'s boundary lies on the line ``y``."""
-    ring_points = [shapely.get_coordinates(ring) for ring in (polygon.exterior, *polygon.interiors)]
+def _seam_intervals(polygon: Polygon, axis: int, at: float) -> list[tuple[float, float]]:
+    """Intervals (positive length) along which ``polygon``'s boundary lies on a seam line.
+
+    ``axis`` 1: the horizontal line y = ``at``, intervals in x; ``axis`` 0: the vertical line
+    x = ``at``, intervals in y.
+    """
+    along = 1 - axis
     intervals = []
-    for points in ring_points:
+    for ring in (polygon.exterior, *polygon.interiors):
+        points = shapely.get_coordinates(ring)
         a, b = points[:-1], points[1:]
-        on_line = (a[:, 1] == y) & (b[:, 1] == y) & (a[:, 0] != b[:, 0])
-        for (xa, _), (xb, _) in zip(a[on_line], b[on_line], strict=True):
-            intervals.append((min(xa, xb), max(xa, xb)))
+        on_line = (a[:, axis] == at) & (b[:, axis] == at) & (a[:, along] != b[:, along])
+        lo = np.minimum(a[on_line, along], b[on_line, along])
+        hi = np.maximum(a[on_line, along], b[on_line, along])
+        intervals.extend(zip(lo.tolist(), hi.tolist(), strict=True))
     return intervals
+
+
+class _Seams:
+    """Interval ends on seam lines, keyed by (seam, class), found again by bisection."""
+
+    def __init__(self) -> None:
+        self.ends: dict[tuple[float, int], list[tuple[float, float, int]]] = {}
+
+    def add(self, key: tuple[float, int], intervals: list[tuple[float, float]], node: int) -> None:
+        self.ends.setdefault(key, []).extend((lo, hi, node) for lo, hi in intervals)
+
+    def sort(self) -> None:
+        for intervals in self.ends.values():
+            intervals.sort()
+
+    def overlapping(self, key: tuple[float, int], lo: float, hi: float) -> Iterator[int]:
+        """Nodes whose interval overlaps (lo, hi) by a positive length; intervals of one key are disjoint."""
+        candidates = self.ends.get(key, [])
+        i = bisect.bisect_left(candidates, (hi, -np.inf, -1)) - 1
+        while i >= 0 and candidates[i][1] > lo:
+            yield candidates[i][2]
+            i -= 1
 
 
 def _link(
     open_regions: list[Region],
     pieces: list[tuple[int, Polygon, Polygon]],
-    y0: int,
-    y1: int | None,
+    rows: tuple[int, int | None],
+    chunk_w: int,
 ) -> tuple[list[Region], list[Region]]:
-    """Join this band's pieces to the open regions above; return (closed regions, still open).
+    """Join a band's pieces to each other and to the open regions above; return (closed, still open).
 
-    ``y1`` is the band's lower seam, None for the last band. Linking is a union-find over
-    open regions and new pieces, with the open regions' seam intervals sorted per class so
-    each lookup is a bisection.
+    ``rows`` is the band's upper seam and its lower seam (None for the last band). Linking is
+    a union-find over the open regions and the new pieces: a piece's upper edge is matched with
+    the open regions' lower seam intervals, its left edge with the right edges of the pieces of
+    the chunk to its left.
     """
-    parent = list(range(len(open_regions) + len(pieces)))
+    y0, y1 = rows
+    first = len(open_regions)
+    parent = list(range(first + len(pieces)))
 
     def find(i: int) -> int:
         while parent[i] != i:
@@ -117,33 +157,35 @@ def _link(
             i = parent[i]
         return i
 
-    starts: dict[int, list[tuple[float, float, int]]] = {}
-    for index, region in enumerate(open_regions):
-        for x0, x1 in region.bottom:
-            starts.setdefault(region.value, []).append((x0, x1, index))
-    for intervals in starts.values():
-        intervals.sort()
+    seams = _Seams()
+    for node, region in enumerate(open_regions):
+        seams.add((-1.0, region.value), region.bottom, node)
     for offset, (value, exact, _) in enumerate(pieces):
-        candidates = starts.get(value)
-        if not candidates or exact.bounds[1] > y0:
-            continue
-        for x0, x1 in _seam_intervals(exact, y0):
-            # intervals of one class on one seam are disjoint; scan back from the last start < x1
-            i = bisect.bisect_left(candidates, (x1, -np.inf, -1)) - 1
-            while i >= 0 and candidates[i][1] > x0:
-                parent[find(len(open_regions) + offset)] = find(candidates[i][2])
-                i -= 1
+        right = exact.bounds[2]
+        if right % chunk_w == 0:
+            seams.add((right, value), _seam_intervals(exact, 0, right), first + offset)
+    seams.sort()
+    for offset, (value, exact, _) in enumerate(pieces):
+        left, top = exact.bounds[:2]
+        queries = []
+        if top == y0:
+            queries += [((-1.0, value), lo, hi) for lo, hi in _seam_intervals(exact, 1, y0)]
+        if left % chunk_w == 0 and left > 0:
+            queries += [((left, value), lo, hi) for lo, hi in _seam_intervals(exact, 0, left)]
+        for key, lo, hi in queries:
+            for node in seams.overlapping(key, lo, hi):
+                parent[find(first + offset)] = find(node)
     groups: dict[int, Region] = {}
-    for index, region in enumerate(open_regions):
-        target = groups.setdefault(find(index), Region(region.value))
+    for node, region in enumerate(open_regions):
+        target = groups.setdefault(find(node), Region(region.value))
         target.pieces.extend(region.pieces)
         target.pixels += region.pixels
     for offset, (value, exact, simplified) in enumerate(pieces):
-        target = groups.setdefault(find(len(open_regions) + offset), Region(value))
+        target = groups.setdefault(find(first + offset), Region(value))
         target.pieces.append(simplified)
         target.pixels += exact.area
         if y1 is not None and exact.bounds[3] >= y1:
-            target.bottom.extend(_seam_intervals(exact, y1))
+            target.bottom.extend(_seam_intervals(exact, 1, y1))
     closed = [region for region in groups.values() if not region.bottom]
     still_open = [region for region in groups.values() if region.bottom]
     return closed, still_open
