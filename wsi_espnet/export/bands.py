@@ -85,13 +85,19 @@ def _block_pieces(
     mask = None if tolerance > 0 else block != BACKGROUND  # background is only needed to simplify
     shapes = list(rasterio.features.shapes(block, mask=mask, transform=transform))
     values = np.array([int(value) for _, value in shapes])
-    exact = np.array([shapely.geometry.shape(geometry) for geometry, _ in shapes], dtype=object)
+    exact = np.array([_polygon(geometry["coordinates"]) for geometry, _ in shapes], dtype=object)
     simplified = exact
     if tolerance > 0:
         coverage = shapely.segmentize(exact, 1.0)
         simplified = shapely.coverage_simplify(coverage, tolerance, simplify_boundary=False)
     keep = values != BACKGROUND
     return list(zip(values[keep].tolist(), exact[keep], simplified[keep], strict=True))
+
+
+def _polygon(rings: list) -> Polygon:
+    """A polygon from GeoJSON-style rings; through numpy, ~4x faster than ``shapely.geometry.shape``."""
+    shell, *holes = (shapely.linearrings(np.asarray(ring, dtype=float)) for ring in rings)
+    return shapely.polygons(shell, holes=holes or None)
 
 
 def _seam_intervals(polygon: Polygon, axis: int, at: float) -> list[tuple[float, float]]:

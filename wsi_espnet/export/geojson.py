@@ -141,7 +141,12 @@ def _tissue_um2(outputs: SlideOutputs, level: int) -> float:
 def level0_polygons(geometry: shapely.Geometry, transform: list[float]) -> MultiPolygon:
     """A region scaled to QuPath's level-0 frame, snapped to ``COORDINATE_GRID``, valid, polygonal."""
     level0 = affinity.affine_transform(geometry, transform)
-    return _polygonal(shapely.set_precision(level0, COORDINATE_GRID))
+    # Rounding each vertex is cheap and keeps shared boundaries shared (equal vertices round
+    # equally); only where it makes a region invalid is the noding snap-rounding needed.
+    rounded = shapely.set_precision(level0, COORDINATE_GRID, mode="pointwise")
+    if not rounded.is_valid:
+        rounded = shapely.set_precision(level0, COORDINATE_GRID)
+    return _polygonal(rounded)
 
 
 def _polygonal(geom: shapely.Geometry) -> MultiPolygon:
