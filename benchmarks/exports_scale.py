@@ -123,6 +123,7 @@ def _export_here(name: str, store: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--side", type=int, default=2 * BASE_SIDE, help="side of the 1x map (px) [4096]")
+    parser.add_argument("--exporters", default=",".join(EXPORTERS), help="at 1x and 4x [all four]")
     parser.add_argument(
         "--gpx",
         action="store_true",
@@ -136,7 +137,8 @@ def main() -> None:
         _export_here(args.export[0], Path(args.export[1]))
         return
     base = fragment_labels()
-    points = [(args.side // BASE_SIDE, EXPORTERS), (2 * args.side // BASE_SIDE, EXPORTERS)]
+    chosen = tuple(args.exporters.split(","))
+    points = [(args.side // BASE_SIDE, chosen), (2 * args.side // BASE_SIDE, chosen)]
     if args.gpx:
         points.append((32768 // BASE_SIDE, tuple(args.gpx_exporters.split(","))))
     with tempfile.TemporaryDirectory() as scratch:
