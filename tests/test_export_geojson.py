@@ -18,7 +18,8 @@ from qupath_rules import check_feature_collection, check_geometry, check_path_cl
 from scipy import ndimage
 
 from wsi_espnet.errors import OutputError
-from wsi_espnet.export.geojson import write_geojson
+from wsi_espnet.export import geojson_file
+from wsi_espnet.export.geojson import read_summary, write_geojson
 
 ROUND_TRIP_AGREEMENT = 0.97  # fraction of tissue pixels (labelled in either map) that agree
 
@@ -191,8 +192,8 @@ def test_per_region_gives_one_feature_per_connected_region(tmp_path: Path) -> No
         big_enough = int((np.bincount(regions.ravel())[1:] * 4 >= 400 * 1.2).sum())
         features = [f for f in collection["features"] if f["properties"]["classification"]["name"] == name]
         assert big_enough <= len(features) <= count
-        areas = [f["properties"]["measurements"]["Area µm^2"] for f in features]
-        assert areas == sorted(areas, reverse=True)
+        names = [f["properties"]["name"] for f in features]
+        assert names == [f"{name} {i}" for i in range(1, len(features) + 1)]  # numbered as they close
 
 
 def test_coarser_level_gives_the_same_picture(tmp_path: Path) -> None:
@@ -210,7 +211,8 @@ def test_coarser_level_gives_the_same_picture(tmp_path: Path) -> None:
 def test_store_without_tissue_gives_empty_collection(tmp_path: Path) -> None:
     store = write_store(tmp_path, np.zeros((100, 150), np.uint8), stats=False)
     collection = _load(write_geojson(tmp_path / "slide", tmp_path / "out.geojson"))
-    assert collection == {"type": "FeatureCollection", "features": []}
+    assert collection["type"] == "FeatureCollection" and collection["features"] == []
+    assert collection["wsi_espnet"]["classes"] == []
     assert check_feature_collection(collection) == []
     assert store.is_dir()
 
@@ -226,3 +228,102 @@ def test_user_mistakes_are_one_line_errors(tmp_path: Path) -> None:
         write_geojson(tmp_path, tmp_path / "out.geojson")
     with pytest.raises(OutputError, match="cannot write GeoJSON"):
         write_geojson(tmp_path / "b", tmp_path / "no" / "such" / "dir.geojson")
+
+
+# --- band processing, streaming, specks, feature parts ---------------------------------------
+
+
+def _class_geometries(collection: dict) -> dict[str, shapely.Geometry]:
+    parts: dict[str, list] = {}
+    for feature in collection["features"]:
+        name = feature["properties"]["classification"]["name"]
+        parts.setdefault(name, []).append(shapely.geometry.shape(feature["geometry"]))
+    return {name: shapely.union_all(geoms) for name, geoms in parts.items()}
+
+
+def test_bands_give_the_same_geometry_as_the_whole_map(tmp_path: Path) -> None:
+    """Bands of 32 rows (many seams to merge across) and one band of the whole map agree."""
+    labels = blob_labels((256, 300), seed=11)
+    for tile in (32, 512):
+        (tmp_path / str(tile)).mkdir()
+        write_store(tmp_path / str(tile), labels, tile=tile, n_levels=1)
+    for simplify in (0.0, 1.0):
+        banded = _load(write_geojson(tmp_path / "32" / "slide", tmp_path / "a.geojson", simplify_px=simplify))
+        whole = _load(write_geojson(tmp_path / "512" / "slide", tmp_path / "b.geojson", simplify_px=simplify))
+        assert check_feature_collection(banded) == []
+        a, b = _class_geometries(banded), _class_geometries(whole)
+        assert sorted(a) == sorted(b)
+        for name in a:
+            difference = shapely.symmetric_difference(a[name], b[name]).area
+            if simplify == 0:
+                assert difference == 0.0, name  # pixel edges: identical regions
+            else:  # the seams pin one vertex per crossing: a sliver of at most ~1 px per crossing
+                assert difference < 0.01 * a[name].area, (name, difference)
+        regions = lambda fc: {c["name"]: c["regions"] for c in fc["wsi_espnet"]["classes"]}  # noqa: E731
+        assert regions(banded) == regions(whole)
+        banded_geoms = list(a.values())
+        for i in range(len(banded_geoms)):
+            for j in range(i + 1, len(banded_geoms)):
+                assert banded_geoms[i].intersection(banded_geoms[j]).area < 1e-6
+
+
+def test_tiled_map_areas_scale_exactly(tmp_path: Path) -> None:
+    labels = blob_labels((128, 192), seed=12)
+    (tmp_path / "one").mkdir()
+    (tmp_path / "four").mkdir()
+    write_store(tmp_path / "one", labels, tile=64, n_levels=1)
+    write_store(tmp_path / "four", np.tile(labels, (2, 2)), tile=64, n_levels=1)
+    options = {"min_area_um2": 0, "simplify_px": 0}
+    one = _load(write_geojson(tmp_path / "one" / "slide", tmp_path / "one.geojson", **options))
+    four = _load(write_geojson(tmp_path / "four" / "slide", tmp_path / "four.geojson", **options))
+    area = lambda fc: {c["name"]: c["area_mm2"] for c in fc["wsi_espnet"]["classes"]}  # noqa: E731
+    assert area(four) == pytest.approx({name: 4 * a for name, a in area(one).items()}, rel=1e-9)
+    for value in (1, 2, 3):  # and the exact pixel area: 4 µm² per analysis pixel
+        name = CLASSES[value]["name"]
+        assert area(one)[name] == pytest.approx(int((labels == value).sum()) * 4e-6, rel=1e-9)
+
+
+def test_specks_are_stated_per_class(tmp_path: Path) -> None:
+    labels = blob_labels((300, 300), seed=13)
+    labels[5:7, 5:7] = 2  # 16 µm²: a speck at 2 µm/px
+    store = write_store(tmp_path, labels, tile=64, n_levels=1)
+    path = write_geojson(store, tmp_path / "out.geojson", min_area_um2=200, simplify_px=0)
+    collection = _load(path)
+    summary = collection["wsi_espnet"]
+    assert read_summary(path) == summary  # the first line alone holds it
+    assert summary["min_area_um2"] == 200 and "200 µm²" in summary["note"]
+    for row in summary["classes"]:
+        pixels = int((labels == row["value"]).sum())
+        # without simplification, what is kept plus what is dropped is exactly the class's pixel area
+        assert row["area_mm2"] + row["specks_dropped_mm2"] == pytest.approx(pixels * 4e-6, rel=1e-9)
+    malignant = next(r for r in summary["classes"] if r["value"] == 2)
+    assert malignant["specks_dropped"] >= 1 and malignant["specks_dropped_mm2"] >= 16e-6
+    for feature in collection["features"]:
+        measurements = feature["properties"]["measurements"]
+        row = next(r for r in summary["classes"] if r["name"] == feature["properties"]["name"])
+        assert measurements["Specks dropped mm^2"] == row["specks_dropped_mm2"]
+        assert measurements["Min region area µm^2"] == 200
+    assert sorted(p.name for p in tmp_path.iterdir() if "geojson" in p.name) == [
+        "out.geojson"
+    ]  # no temp left
+
+
+def test_large_classes_are_split_into_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    labels = blob_labels((300, 300), seed=14)
+    store = write_store(tmp_path, labels, tile=64, n_levels=1)
+    whole = _load(write_geojson(store, tmp_path / "whole.geojson"))
+    monkeypatch.setattr(geojson_file, "MAX_FEATURE_VERTICES", 200)
+    split = _load(write_geojson(store, tmp_path / "split.geojson"))
+    assert check_feature_collection(split) == []
+    assert len(split["features"]) > len(whole["features"])
+    for row in split["wsi_espnet"]["classes"]:
+        features = [f for f in split["features"] if f["properties"]["classification"]["name"] == row["name"]]
+        assert len(features) == row["features"]
+        if len(features) > 1:
+            assert features[0]["properties"]["name"] == f"{row['name']} (part 1 of {len(features)})"
+        for feature in features:  # a part holds one polygon larger than the cap, else stays within it
+            polygons = feature["geometry"]["coordinates"]
+            vertices = sum(len(ring) for polygon in polygons for ring in polygon)
+            assert vertices <= 200 or len(polygons) == 1
+    a, b = _class_geometries(whole), _class_geometries(split)
+    assert all(shapely.symmetric_difference(a[n], b[n]).area < 1e-6 for n in a)

@@ -20,7 +20,8 @@ OME = "{http://www.openmicroscopy.org/Schemas/OME/2016-06}"
 def test_labels_pyramid_reads_back(tmp_path: Path) -> None:
     labels = blob_labels((700, 1100), seed=2)
     store = write_store(tmp_path, labels, mpp=2.0, n_levels=3, zarr_format=3)
-    (path,) = write_ome_tiff(store, tmp_path / "slide.labels.ome.tif")
+    path, rgb_path = write_ome_tiff(store, tmp_path / "slide.labels.ome.tif")
+    assert rgb_path.name == "slide.labels-rgb.ome.tif"
 
     with tifffile.TiffFile(path) as tif:
         assert tif.is_ome and len(tif.series) == 1
@@ -34,6 +35,10 @@ def test_labels_pyramid_reads_back(tmp_path: Path) -> None:
             step = 2**index
             np.testing.assert_array_equal(level.asarray(), labels[::step, ::step])
         assert page.get_resolution(tifffile.RESUNIT.MICROMETER) == pytest.approx((0.5, 0.5))
+        for level_page in (page, *(tif.series[0].levels[i].keyframe for i in (1, 2))):
+            assert level_page.photometric == tifffile.PHOTOMETRIC.PALETTE  # every level is indexed
+            for c in CLASSES:  # the TIFF colour map holds the class colours (16-bit, as TIFF wants)
+                assert level_page.colormap[:, c["value"]].tolist() == [v * 257 for v in c["color"]]
         ome = ET.fromstring(tif.ome_metadata)
 
     pixels = ome.find(f"{OME}Image/{OME}Pixels")
@@ -46,12 +51,34 @@ def test_labels_pyramid_reads_back(tmp_path: Path) -> None:
     assert pairs["model"] == "test-model"
 
 
+def test_rgb_rendering_has_the_class_colours(tmp_path: Path) -> None:
+    labels = blob_labels((300, 520), seed=6)
+    store = write_store(tmp_path, labels, n_levels=2, tile=64)
+    _, rgb_path = write_ome_tiff(store, tmp_path / "slide.labels.ome.tif")
+    palette = np.zeros((256, 3), np.uint8)
+    for c in CLASSES:
+        palette[c["value"]] = c["color"]
+    with tifffile.TiffFile(rgb_path) as tif:
+        assert tif.is_ome and tif.pages[0].photometric == tifffile.PHOTOMETRIC.RGB
+        levels = tif.series[0].levels
+        assert [level.shape for level in levels] == [(300, 520, 3), (150, 260, 3)]
+        for index, level in enumerate(levels):
+            np.testing.assert_array_equal(level.asarray(), palette[labels[:: 2**index, :: 2**index]])
+        assert 'PhysicalSizeX="2.0"' in tif.ome_metadata
+    (only,) = write_ome_tiff(store, tmp_path / "plain.labels.ome.tif", rgb=False)
+    assert only.name == "plain.labels.ome.tif"
+
+
 def test_scores_go_to_a_separate_file_with_named_channels(tmp_path: Path) -> None:
     labels = blob_labels((300, 260), seed=4)
     store = write_store(tmp_path, labels, n_levels=2, tile=64)
     paths = write_ome_tiff(store, tmp_path / "slide.labels.ome.tif", include_scores=True)
-    assert [p.name for p in paths] == ["slide.labels.ome.tif", "slide.scores.ome.tif"]
-    with tifffile.TiffFile(paths[1]) as tif:
+    assert [p.name for p in paths] == [
+        "slide.labels.ome.tif",
+        "slide.labels-rgb.ome.tif",
+        "slide.scores.ome.tif",
+    ]
+    with tifffile.TiffFile(paths[2]) as tif:
         levels = tif.series[0].levels
         assert [level.shape for level in levels] == [(5, 300, 260), (5, 150, 130)]
         scores = levels[1].asarray()

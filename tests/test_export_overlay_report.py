@@ -81,12 +81,12 @@ def test_report_is_self_contained_and_has_the_table(tmp_path: Path) -> None:
     parser.close()
 
     tags = [tag for tag, _ in parser.tags]
-    assert tags.count("table") == 3
+    assert tags.count("table") >= 3  # classes, provenance, run parameters
     text = " ".join(parser.text)
     for info in CLASSES[1:]:
         assert info["name"] in text
     assert "test-model" in text and "0" * 64 in text
-    assert "<b>escaped</b>" in text and "<b>" not in page  # run.json text is escaped
+    assert "<b>escaped</b>" in text and "<b>escaped" not in page  # run.json text is escaped
     for _, attrs in parser.tags:  # nothing is fetched from elsewhere
         for key in ("src", "href"):
             assert not attrs.get(key, "data:").startswith(("http", "//", "file"))
@@ -94,6 +94,76 @@ def test_report_is_self_contained_and_has_the_table(tmp_path: Path) -> None:
     assert src.startswith("data:image/png;base64,")
     overlay = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
     assert overlay.width > LEGEND_WIDTH
+
+
+def _report_text(tmp_path: Path, run: dict | None, **store_options) -> tuple[str, str]:
+    """Write a store (with ``run`` as its run.json), render the report, return (page, visible text)."""
+    write_store(tmp_path, blob_labels((200, 260), seed=9), tile=64, run=False, **store_options)
+    if run is not None:
+        (tmp_path / "run.json").write_text(json.dumps(run))
+    page = write_report(tmp_path / "slide", tmp_path / "slide.report.html").read_text(encoding="utf-8")
+    parser = _Collector()
+    parser.feed(page)
+    return page, " ".join(" ".join(parser.text).split())
+
+
+RUN = {
+    "status": "complete",
+    "slide": "/data/a.svs",
+    "model": {
+        "name": "breast-tissue-espnet",
+        "trained": True,
+        "description": "DEMO MODEL: trained on five ROIs only",
+        "classes": CLASSES,
+        "evaluation": {"dataset": "5 ROIs", "pixel_accuracy": 0.81},
+    },
+    "parameters": {"tile": 512, "halo": 256, "formats": ["geojson", "png"], "tissue_detection": True},
+    "timings": {"inference_s": 12.5, "exports_s": 1.25},
+    "warnings": ["a.svs: something to know"],
+}
+
+
+def test_report_shows_the_final_status_from_run_json(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    _, text = _report_text(tmp_path / "a", RUN)  # the store itself may still say running
+    assert "Status: complete" in text and "had not finished" not in text
+    assert "a.svs: something to know" in text
+    _, text = _report_text(tmp_path / "b", {**RUN, "status": "exporting"})
+    assert "Status: exporting (the run had not finished" in text
+
+
+def test_report_renders_parameters_as_tables_and_the_model_caveat(tmp_path: Path) -> None:
+    page, text = _report_text(tmp_path, RUN)
+    assert "demonstration model, not validated for diagnosis" in text
+    assert "DEMO MODEL: trained on five ROIs only" in text
+    assert "pixel accuracy 0.81" in text.replace("_", " ")  # evaluation figures from the card
+    assert "formats geojson, png" in text and "tissue detection yes" in text
+    assert "inference s 12.5" in text
+    assert '{"' not in page and "[&quot;" not in page  # no raw JSON left in any cell
+    assert all(c["name"] in text for c in CLASSES)  # the model's class table
+
+
+def test_report_copes_with_missing_and_odd_fields(tmp_path: Path) -> None:
+    for index, run in enumerate([None, {}, {"model": "name-only", "parameters": [], "timings": None}]):
+        folder = tmp_path / str(index)
+        folder.mkdir()
+        _, text = _report_text(folder, run)
+        assert "Status: complete" in text  # the store's own status when run.json has none
+        assert "benign_epithelium" in text
+    _, text = _report_text(tmp_path / "0", {"model": {"name": "m", "trained": False}, "status": "failed"})
+    assert "untrained weights" in text and "Status: failed" in text
+
+
+def test_report_states_the_speck_threshold_and_what_was_dropped(tmp_path: Path) -> None:
+    from wsi_espnet.export.geojson import write_geojson
+
+    labels = blob_labels((200, 260), seed=9)
+    labels[3:5, 3:5] = 2  # a 16 µm² speck
+    store = write_store(tmp_path, labels, tile=64)
+    write_geojson(store, tmp_path / "slide.geojson", min_area_um2=150)
+    page = write_report(store, tmp_path / "slide.report.html").read_text(encoding="utf-8")
+    assert "smaller than 150 µm²" in page and "specks dropped (mm²)" in page
 
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -129,7 +199,7 @@ def test_export_all_on_a_store_without_tissue(tmp_path: Path) -> None:
     assert sorted(written) == ["geojson", "html", "ometiff", "png"]
     assert all(p.is_file() for paths in written.values() for p in paths)
     (geojson,) = written["geojson"]
-    assert json.loads(geojson.read_text()) == {"type": "FeatureCollection", "features": []}
+    assert json.loads(geojson.read_text())["features"] == []
     assert "No statistics" in written["html"][0].read_text()
     with pytest.raises(ConfigError, match="unknown export format"):
         export_all(tmp_path / "slide", formats=("geojson", "pdf"))

@@ -9,46 +9,50 @@ Slides without bounds properties (SVS, generic TIFF, NDPI, OME-TIFF...) have off
 are unaffected. Pass ``subtract_bounds=False`` for a viewer that shows the uncropped frame, such
 as QuPath's Bio-Formats server.
 
-How the geometry is made, memory-bounded:
+How the geometry is made, in time linear in the label map and memory bounded by one band
+(:mod:`wsi_espnet.export.bands` has the details): the map is vectorised one chunk row at a time,
+simplified there as a coverage (neighbouring classes keep one shared boundary, seams held
+fixed), and each connected region is dissolved and written as soon as it closes. Regions smaller
+than ``min_area_um2`` (specks) are dropped; the threshold and the area dropped per class are
+stated in the file (collection member ``wsi_espnet`` and the ``Specks dropped mm^2`` measurement).
+Coordinates are scaled to level-0 pixels and rounded to 0.01 px (QuPath itself writes 2 decimals).
 
-1. each storage chunk of the label map is vectorised on its own (``rasterio.features.shapes``,
-   4-connected, pixel-edge polygons in integer pixel coordinates);
-2. the pieces of each class are unioned (shapely), which dissolves the chunk seams; memory is
-   proportional to the length of the class boundaries, never to the slide area;
-3. the classes are simplified *together* as a coverage (``shapely.coverage_simplify``) so
-   neighbouring classes keep one shared boundary: no gaps, no overlaps. Edges are first
-   segmentised to one vertex per pixel corner, because coverage simplification needs shared
-   edges to carry identical vertices;
-4. polygons smaller than ``min_area_um2`` are dropped, results are made valid and polygonal, and
-   scaled to level-0 pixels rounded to 0.01 px (QuPath itself writes 2 decimals).
+The file is written as a stream, never held in memory: per-class polygons go to temporary files
+next to the output, then the FeatureCollection is assembled from them into a temporary file that
+is renamed over ``path``. Its first line is ``{"type": "FeatureCollection", "wsi_espnet": {...},
+"features": [`` so :func:`read_summary` can read the summary without parsing the whole file.
+One feature per class is split into parts of at most ``MAX_FEATURE_VERTICES`` vertices: QuPath
+becomes sluggish with single annotations of millions of vertices.
 
 Label maps larger than ``MAX_VECTOR_SIDE`` pixels on a side are vectorised on the first coarser
-pyramid level that fits: below the simplification tolerance the extra detail is not kept anyway,
-and QuPath becomes sluggish with annotations of many millions of vertices.
+pyramid level that fits: below the simplification tolerance the extra detail is not kept anyway.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio.features
 import shapely
-from affine import Affine
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 
-from wsi_espnet.classes import BACKGROUND, ClassInfo
+from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.errors import ConfigError, OutputError
+from wsi_espnet.export.bands import iter_regions
+from wsi_espnet.export.geojson_file import CollectionWriter
 from wsi_espnet.store import SlideStore, open_store
 
 DEFAULT_MIN_AREA_UM2 = 100.0  # about a 10 µm x 10 µm speck: smaller than a few cells
 DEFAULT_SIMPLIFY_PX = 1.0  # analysis pixels; removes the pixel staircase, keeps the shape
 MAX_VECTOR_SIDE = 32_768  # analysis pixels; larger label maps are vectorised on a coarser level
 COORDINATE_GRID = 0.01  # level-0 pixels
+SUMMARY_KEY = "wsi_espnet"
 
 
 def write_geojson(
@@ -61,11 +65,11 @@ def write_geojson(
     level: int | None = None,
     subtract_bounds: bool = True,
 ) -> Path:
-    """Write a FeatureCollection with one locked annotation per class (or per connected region).
+    """Write a FeatureCollection of locked annotations: per class (in parts), or per connected region.
 
     ``simplify_px`` is the simplification tolerance in analysis pixels (0 keeps pixel edges);
     ``level`` forces a pyramid level (default: level 0 unless larger than ``MAX_VECTOR_SIDE``).
-    A store without tissue gives a valid, empty FeatureCollection.
+    A store without tissue gives a valid FeatureCollection without features.
     """
     outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
@@ -76,79 +80,78 @@ def write_geojson(
         raise OutputError(
             f"has no pyramid level {level} (levels 0..{outputs.n_levels - 1})", outputs.store_path
         )
-    geometries = class_geometries(outputs, level, simplify_px, min_area_um2, subtract_bounds)
-    collection = feature_collection(geometries, outputs, per_region)
     path = Path(path)
+    known = {c.value: c for c in outputs.tissue_classes}
+    level_px_um2 = outputs.level_mpp(level) ** 2
+    factor = 2**level * outputs.scale
+    dx, dy = outputs.bounds_offset if subtract_bounds else (0, 0)
+    transform = [factor, 0, 0, factor, -dx, -dy]
+    settings = {
+        "min_area_um2": min_area_um2,
+        "simplify_px": simplify_px,
+        "level": level,
+        "level_mpp": outputs.level_mpp(level),
+    }
     try:
-        with path.open("w", encoding="utf-8") as file:
-            json.dump(collection, file, allow_nan=False, ensure_ascii=False)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+            tissue_um2 = _tissue_um2(outputs, level)
+            writer = CollectionWriter(
+                Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
+            )
+            for region in iter_regions(outputs.labels(level), simplify_px / 2**level):
+                info = known.get(region.value)
+                if info is None:
+                    continue
+                if region.pixels * level_px_um2 < min_area_um2:
+                    writer.drop(info, region.pixels * level_px_um2)
+                    continue
+                geometry = level0_polygons(region.geometry(), transform)
+                if not geometry.is_empty:
+                    writer.add(info, geometry)
+            staged = Path(scratch) / "collection.geojson"
+            writer.assemble(staged, SUMMARY_KEY, settings)
+            os.replace(staged, path)
     except OSError as error:
-        raise OutputError(f"cannot write GeoJSON ({error.strerror})", path) from error
+        raise OutputError(f"cannot write GeoJSON ({error.strerror or error})", path) from error
     return path
 
 
-def class_geometries(
-    outputs: SlideStore, level: int, simplify_px: float, min_area_um2: float, subtract_bounds: bool
-) -> dict[ClassInfo, MultiPolygon]:
-    """Valid, non-overlapping MultiPolygons per class present, in QuPath's level-0 pixel frame."""
-    known = {c.value: c for c in outputs.tissue_classes}
-    min_area_px = min_area_um2 / outputs.level_mpp(level) ** 2
-    vectors = _vectorise(outputs, level, min_area_px)
-    unions = {value: geom for value, geom in vectors.items() if value in known}
-    values = sorted(unions)
-    coverage = [unions[v] for v in values]
-    tolerance = simplify_px / 2**level
-    if tolerance > 0 and coverage:
-        coverage = list(shapely.coverage_simplify([shapely.segmentize(g, 1.0) for g in coverage], tolerance))
-    factor = 2**level * outputs.scale
-    dx, dy = outputs.bounds_offset if subtract_bounds else (0, 0)
-    result: dict[ClassInfo, MultiPolygon] = {}
-    for value, geom in zip(values, coverage, strict=True):
-        kept = _polygonal(geom, min_area_px)
-        if kept.is_empty:
-            continue
-        level0 = affinity.affine_transform(kept, [factor, 0, 0, factor, -dx, -dy])
-        snapped = _polygonal(shapely.set_precision(level0, COORDINATE_GRID), 0.0)
-        if not snapped.is_empty:
-            result[known[value]] = snapped
-    return result
+def read_summary(path: str | Path) -> dict[str, Any] | None:
+    """The ``wsi_espnet`` summary on the first line of a GeoJSON written here (None for others)."""
+    try:
+        with Path(path).open(encoding="utf-8") as file:
+            first = file.readline(1 << 20)
+        summary = json.loads(first.rstrip() + "]}").get(SUMMARY_KEY)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
-def _vectorise(outputs: SlideStore, level: int, min_area_px: float) -> dict[int, shapely.Geometry]:
-    """Per label value, its pixel polygons over all chunks, merged across chunk seams.
-
-    Only polygons that touch their chunk's border can continue in a neighbouring chunk, so only
-    those go through ``union_all`` (the expensive step: GEOS unions are super-linear in the
-    number of parts). Polygons inside a chunk are complete regions already; those smaller
-    than ``min_area_px`` are dropped before any geometry work, which keeps noisy maps fast.
-    """
-    inner: dict[int, list[shapely.Geometry]] = {}
-    seam: dict[int, list[shapely.Geometry]] = {}
-    for y0, x0, block in outputs.iter_label_chunks(level):
-        tissue = block != BACKGROUND
-        if not tissue.any():
-            continue
-        y1, x1 = y0 + block.shape[0], x0 + block.shape[1]
-        for geometry, value in rasterio.features.shapes(
-            block, mask=tissue, transform=Affine.translation(x0, y0)
-        ):
-            polygon = shapely.geometry.shape(geometry)
-            left, top, right, bottom = polygon.bounds
-            if left <= x0 or top <= y0 or right >= x1 or bottom >= y1:
-                seam.setdefault(int(value), []).append(polygon)
-            elif polygon.area >= min_area_px:
-                inner.setdefault(int(value), []).append(polygon)
-    merged = {}
-    for value in set(inner) | set(seam):
-        parts = list(inner.get(value, []))
-        if value in seam:
-            parts.extend(shapely.get_parts(shapely.union_all(seam[value])))
-        merged[value] = shapely.MultiPolygon(parts)
-    return merged
+def _tissue_um2(outputs: SlideStore, level: int) -> float:
+    """Tissue area for ``Fraction of tissue``: the statistics' figure, else counted chunk by chunk."""
+    stats = outputs.read_stats() or {}
+    tissue_um2 = float(stats.get("tissue_area_mm2") or 0.0) * 1e6
+    if math.isfinite(tissue_um2) and tissue_um2 > 0:
+        return tissue_um2
+    pixels = sum(
+        int(np.count_nonzero(block != BACKGROUND)) for _, _, block in outputs.iter_label_chunks(level)
+    )
+    return pixels * outputs.level_mpp(level) ** 2
 
 
-def _polygonal(geom: shapely.Geometry, min_area: float) -> MultiPolygon:
-    """Make ``geom`` valid and keep only its polygons of at least ``min_area`` (lines, points dropped)."""
+def level0_polygons(geometry: shapely.Geometry, transform: list[float]) -> MultiPolygon:
+    """A region scaled to QuPath's level-0 frame, snapped to ``COORDINATE_GRID``, valid, polygonal."""
+    level0 = affinity.affine_transform(geometry, transform)
+    # Rounding each vertex is cheap and keeps shared boundaries shared (equal vertices round
+    # equally); only where it makes a region invalid is the noding snap-rounding needed.
+    rounded = shapely.set_precision(level0, COORDINATE_GRID, mode="pointwise")
+    if not rounded.is_valid:
+        rounded = shapely.set_precision(level0, COORDINATE_GRID)
+    return _polygonal(rounded)
+
+
+def _polygonal(geom: shapely.Geometry) -> MultiPolygon:
+    """Make ``geom`` valid and keep only its polygons (lines and points from snapping are dropped)."""
     if not geom.is_valid:
         geom = shapely.make_valid(geom)
     polygons: list[Polygon] = []
@@ -156,68 +159,11 @@ def _polygonal(geom: shapely.Geometry, min_area: float) -> MultiPolygon:
     while stack:
         part = stack.pop()
         if isinstance(part, Polygon):
-            if not part.is_empty and part.area >= min_area:
+            if not part.is_empty and part.area > 0:
                 polygons.append(part)
         elif part.geom_type in ("MultiPolygon", "GeometryCollection"):
             stack.extend(shapely.get_parts(part))
     result = MultiPolygon(polygons)
     if not result.is_valid:  # parts that touch along an edge after snapping: dissolve them
-        result = _polygonal(shapely.union_all(polygons), min_area)
+        result = _polygonal(shapely.union_all(polygons))
     return result
-
-
-def feature_collection(
-    geometries: dict[ClassInfo, MultiPolygon], outputs: SlideStore, per_region: bool
-) -> dict[str, Any]:
-    """QuPath-style features: ``objectType``, ``classification`` {name, color}, locked, measurements."""
-    um2_per_px = outputs.slide_mpp**2
-    stats = outputs.read_stats() or {}
-    tissue_um2 = float(stats.get("tissue_area_mm2") or 0.0) * 1e6
-    if not (math.isfinite(tissue_um2) and tissue_um2 > 0):
-        tissue_um2 = sum(g.area for g in geometries.values()) * um2_per_px
-    features = []
-    for info, multipolygon in sorted(geometries.items(), key=lambda item: item[0].value):
-        if per_region:
-            parts = sorted(multipolygon.geoms, key=lambda p: -p.area)
-            for index, polygon in enumerate(parts, start=1):
-                features.append(_feature(info, polygon, f"{info.name} {index}", um2_per_px, tissue_um2))
-        else:
-            features.append(_feature(info, multipolygon, info.name, um2_per_px, tissue_um2))
-    return {"type": "FeatureCollection", "features": features}
-
-
-def _feature(
-    info: ClassInfo, geom: Polygon | MultiPolygon, name: str, um2_per_px: float, tissue_um2: float
-) -> dict[str, Any]:
-    area_um2 = geom.area * um2_per_px
-    fraction = area_um2 / tissue_um2 if tissue_um2 > 0 else 0.0
-    return {
-        "type": "Feature",
-        "geometry": _geometry(geom),
-        "properties": {
-            "objectType": "annotation",
-            "name": name,
-            "classification": {"name": info.name, "color": list(info.color)},
-            "isLocked": True,
-            "measurements": {
-                "Area µm^2": round(area_um2, 3),
-                "Area mm^2": round(area_um2 / 1e6, 9),
-                "Fraction of tissue": round(fraction, 6),
-            },
-        },
-    }
-
-
-def _geometry(geom: Polygon | MultiPolygon) -> dict[str, Any]:
-    """GeoJSON geometry with RFC 7946 ring orientation and coordinates rounded to the snapping grid."""
-    geom = shapely.orient_polygons(geom)
-
-    def rings(polygon: Polygon) -> list[list[list[float]]]:
-        return [
-            np.round(shapely.get_coordinates(ring), 2).tolist()
-            for ring in (polygon.exterior, *polygon.interiors)
-        ]
-
-    if isinstance(geom, Polygon):
-        return {"type": "Polygon", "coordinates": rings(geom)}
-    return {"type": "MultiPolygon", "coordinates": [rings(p) for p in geom.geoms]}

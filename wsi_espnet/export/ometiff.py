@@ -3,8 +3,16 @@
 Layout, as Bio-Formats 6+ expects a pyramid: one full-resolution image, its reduced levels
 (the store's pyramid, factor 2) as SubIFDs, 512 x 512 tiles, zlib (deflate) compression, and
 ``PhysicalSizeX/Y`` in µm at the analysis resolution (plus TIFF resolution tags for readers
-that ignore OME-XML). The file is written tile row by tile row from the zarr arrays, so memory
-stays at one 512-pixel band whatever the slide size.
+that ignore OME-XML). The file is written tile by tile from the zarr arrays, so memory stays at one
+512 x 512 tile whatever the slide size.
+
+Colours. The label file is an *indexed* (palette) TIFF: every level carries a TIFF ColorMap with
+the class colours, so viewers that honour TIFF palettes (Fiji's TIFF and Bio-Formats readers,
+ASAP, most desktop viewers) show classes in colour while the pixel values stay the class values.
+Because QuPath shows a one-channel 8-bit image in grey whatever its palette, an RGB rendering of
+the same pyramid, ``<stem>.labels-rgb.ome.tif`` (class colours, background white), is written
+beside it (``rgb=True``, the default): QuPath opens it as a brightfield RGB image in the class
+colours, to overlay with the slide or compare side by side.
 
 Class names live in the OME-XML: the image ``Description`` lists ``value=name`` pairs, and a
 ``MapAnnotation`` holds the same pairs plus the model name and weights hash. QuPath shows the
@@ -34,8 +42,10 @@ from wsi_espnet.store import SlideStore, open_store
 TILE = 512
 
 
-def write_ome_tiff(store: str | Path, path: str | Path, include_scores: bool = False) -> list[Path]:
-    """Write the labels to ``path`` (and ``<stem>.scores.ome.tif`` beside it) and return the files."""
+def write_ome_tiff(
+    store: str | Path, path: str | Path, include_scores: bool = False, rgb: bool = True
+) -> list[Path]:
+    """Write the labels to ``path``, beside it the RGB rendering and optional scores; return the files."""
     outputs = open_store(store)
     path = Path(path)
     labels = [outputs.labels(level) for level in range(outputs.n_levels)]
@@ -50,7 +60,20 @@ def write_ome_tiff(store: str | Path, path: str | Path, include_scores: bool = F
             **_model_annotation(outputs),
         },
     }
-    written = [_write_pyramid(path, labels, outputs, metadata)]
+    palette = class_palette(outputs)
+    indexed = {"photometric": "palette", "colormap": (palette.T.astype(np.uint16) * 257)}
+    written = [_write_pyramid(path, labels, outputs, metadata, indexed)]
+    if rgb:
+        rgb_metadata = {
+            **metadata,
+            "axes": "YXS",
+            "Name": f"{outputs.stem} tissue classes (RGB rendering)",
+            "Channel": {"Name": ["tissue class colour"]},
+        }
+        rgb_path = path.with_name(f"{outputs.stem}.labels-rgb.ome.tif")
+        written.append(
+            _write_pyramid(rgb_path, labels, outputs, rgb_metadata, {"photometric": "rgb"}, palette)
+        )
     if include_scores:
         scores = [outputs.scores(level) for level in range(outputs.n_levels)]
         scores_metadata = {
@@ -61,7 +84,9 @@ def write_ome_tiff(store: str | Path, path: str | Path, include_scores: bool = F
             "MapAnnotation": _model_annotation(outputs),
         }
         scores_path = path.with_name(f"{outputs.stem}.scores.ome.tif")
-        written.append(_write_pyramid(scores_path, scores, outputs, scores_metadata))
+        written.append(
+            _write_pyramid(scores_path, scores, outputs, scores_metadata, {"photometric": "minisblack"})
+        )
     return written
 
 
@@ -70,10 +95,26 @@ def _model_annotation(outputs: SlideStore) -> dict[str, str]:
     return {"model": str(model.get("name", "")), "model_sha256": str(model.get("sha256", ""))}
 
 
+def class_palette(outputs: SlideStore) -> np.ndarray:
+    """(256, 3) uint8: each class value's colour; unused values black."""
+    palette = np.zeros((256, 3), np.uint8)
+    for info in outputs.classes:
+        palette[info.value] = info.color
+    return palette
+
+
 def _write_pyramid(
-    path: Path, levels: list[zarr.Array], outputs: SlideStore, metadata: dict[str, Any]
+    path: Path,
+    levels: list[zarr.Array],
+    outputs: SlideStore,
+    metadata: dict[str, Any],
+    style: dict[str, Any],
+    palette: np.ndarray | None = None,
 ) -> Path:
-    """Base image with OME-XML, reduced levels as SubIFDs; every image written from a tile generator."""
+    """Base image with OME-XML, reduced levels as SubIFDs; every image written from a tile generator.
+
+    ``style`` holds the TIFF photometric options; with ``palette`` the tiles are rendered to RGB.
+    """
     base = levels[0]
     try:
         with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
@@ -87,13 +128,18 @@ def _write_pyramid(
                         "PhysicalSizeY": outputs.mpp,
                         "PhysicalSizeYUnit": "µm",
                     }
+                tiles = _tiles(array)
+                shape = array.shape
+                if palette is not None:
+                    tiles = (palette[tile] for tile in tiles)
+                    shape = (*shape, 3)
                 tif.write(
-                    _tiles(array),
-                    shape=array.shape,
+                    tiles,
+                    shape=shape,
                     dtype=base.dtype,
                     tile=(TILE, TILE),
                     compression="zlib",
-                    photometric="minisblack",
+                    **style,
                     resolution=(pixels_per_cm, pixels_per_cm),
                     resolutionunit="CENTIMETER",
                     subifds=len(levels) - 1 if level == 0 else None,
@@ -108,15 +154,17 @@ def _write_pyramid(
 def _tiles(array: zarr.Array) -> Iterator[np.ndarray]:
     """Tiles of a (y, x) or (c, y, x) array in TIFF order (plane, tile row, tile column), edge tiles padded.
 
-    One band of ``TILE`` rows per plane is read at a time, so memory is ``TILE x width``.
+    Each tile is read on its own, so memory is one tile whatever the slide's size or width.
     """
     planes = [()] if array.ndim == 2 else [(plane,) for plane in range(array.shape[0])]
     height, width = array.shape[-2:]
     for plane in planes:
         for y0 in range(0, height, TILE):
-            band = array[(*plane, slice(y0, y0 + TILE), slice(None))]
             for x0 in range(0, width, TILE):
+                piece = array[(*plane, slice(y0, y0 + TILE), slice(x0, x0 + TILE))]
+                if piece.shape == (TILE, TILE):
+                    yield piece
+                    continue
                 tile = np.zeros((TILE, TILE), dtype=array.dtype)
-                piece = band[:, x0 : x0 + TILE]
                 tile[: piece.shape[0], : piece.shape[1]] = piece
                 yield tile
