@@ -38,6 +38,7 @@ from benchmarks.common import (
 )
 from benchmarks.tables import table
 from wsi_espnet.config import SegmentSettings
+from wsi_espnet.outputs import SlideOutput
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tasks import versions
 
@@ -160,11 +161,11 @@ def _peer(b: Bench) -> dict[str, Any]:
     options = {"model": b.model, "tissue_detection": False, "formats": "", **b.profile.settings}
     ours = segment_command(slide, b.work / "out-peer", options)
     reference = b.work / "peer-reference.npy"
+    margin = SegmentSettings().halo  # the default halo's worth of white around the image
     ref = run_variant(
-        "whole_reference", model=b.model, slide=slide, margin=256, threads=settings.threads, out=reference
+        "whole_reference", model=b.model, slide=slide, margin=margin, threads=settings.threads, out=reference
     )
-    store = SlideStore.open(Path(ours["output"]) / f"{slide.stem}.ome.zarr")
-    labels = store.labels(0)[:]
+    labels = SlideStore.open(SlideOutput.for_slide(b.work / "out-peer", slide).store).labels(0)[:]
     result: dict[str, Any] = {
         "slide": str(slide),
         "slide_source": source,
@@ -267,7 +268,9 @@ def machine() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="small slides, one repeat (~3 min on 2 cores)")
+    size.add_argument(
+        "--quick", action="store_true", help="small slides, one repeat (~10 min on 2 idle cores)"
+    )
     size.add_argument("--smoke", action="store_true", help="tiny slides and tiles: checks the harness (CI)")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     parser.add_argument("--workdir", type=Path, help="keep slides and outputs here (default: a temp dir)")
