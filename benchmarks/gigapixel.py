@@ -115,6 +115,11 @@ def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dic
     }
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a ÷ b, or None when either is missing (an older run.json, a slide without tissue)."""
+    return a / b if a is not None and b else None
+
+
 def _slide(data: Path, width: int, height: int) -> Path:
     path = data / f"gigapixel-{width}x{height}-mpp{MPP}-t{TISSUE_FRACTION}.tif"
     if not path.exists():
@@ -144,15 +149,14 @@ def gigapixel(b: Bench) -> dict[str, Any]:
             **_analyse(cmd["run"], Path(cmd["output"]), cmd["wall_s"], rate["input_mpx_per_s"]),
         }
     x1, x4 = runs["x1"], runs["x4"]
-    exports = x1["timings_s"].get("exports_s"), x4["timings_s"].get("exports_s")
     runs["ratios"] = {
-        "amplification_vs_floor": x4["amplification"] / x4["floor_amplification"],
+        "amplification_vs_floor": _ratio(x4["amplification"], x4["floor_amplification"]),
         "limit_over_wall": x4["limit_over_wall"],
         "post_inference_share": x4["post_inference_share"],
-        "export_ratio_at_4x_area": exports[1] / exports[0] if exports[0] else None,
-        "peak_rss_ratio_at_4x_area": x4["peak_rss_mib"] / x1["peak_rss_mib"],
-        "output_px_ratio": x4["output_px"] / x1["output_px"],
-        "wall_ratio": x4["wall_s"] / x1["wall_s"],
+        "export_ratio_at_4x_area": _ratio(x4["timings_s"].get("exports_s"), x1["timings_s"].get("exports_s")),
+        "peak_rss_ratio_at_4x_area": _ratio(x4["peak_rss_mib"], x1["peak_rss_mib"]),
+        "output_px_ratio": _ratio(x4["output_px"], x1["output_px"]),
+        "wall_ratio": _ratio(x4["wall_s"], x1["wall_s"]),
     }
     return runs
 
