@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,7 @@ def fragment_labels(side: int = BASE_SIDE, seed: int = 0) -> np.ndarray:
 
 def build_store(folder: Path, base: np.ndarray, repeat: int) -> Path:
     """``folder/<stem>.ome.zarr``: ``base`` tiled ``repeat x repeat``, written chunk by chunk."""
+    from wsi_espnet.grid import TileGrid
     from wsi_espnet.store import SlideStore
 
     side = base.shape[0] * repeat
@@ -63,7 +65,9 @@ def build_store(folder: Path, base: np.ndarray, repeat: int) -> Path:
     store_path = folder / stem / f"{stem}.ome.zarr"
     slide = {"path": "", "mpp": SLIDE_MPP, "dimensions": [2 * side, 2 * side], "bounds_offset": [0, 0]}
     attrs = {"model": {"name": "synthetic", "sha256": ""}, "slide": slide}
-    store = SlideStore.create(store_path, (side, side), CHUNK, MPP, CLASSES, attrs=attrs, overwrite=True)
+    if store_path.exists():
+        shutil.rmtree(store_path)
+    store = SlideStore.create(store_path, TileGrid((side, side), CHUNK, 0), MPP, CLASSES, attrs=attrs)
     per_base = base.shape[0] // CHUNK
     for iy in range(side // CHUNK):
         for ix in range(side // CHUNK):

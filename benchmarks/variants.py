@@ -165,6 +165,57 @@ def seam(model: str, slide: str, outdir: str, tile: int, halos: list[int]) -> di
     }
 
 
+def network_rate(model: str, window: int, threads: int, repeats: int = 2) -> dict[str, Any]:
+    """The network's own rate: one ``window``² input without halo, after a warm-up pass.
+
+    This is the rate the union-of-halo-windows limit is priced at (cost per input pixel is flat
+    from 1024² to 3072² windows, issue 10), so it is what no tiling can beat.
+    """
+    import torch
+
+    from wsi_espnet.models.cards import load_card
+    from wsi_espnet.predict import get_predictor
+
+    torch.set_num_threads(threads)
+    predictor = get_predictor(load_card(model), "auto")
+    image = np.random.default_rng(0).integers(0, 256, (1, window, window, 3), dtype=np.uint8)
+    predictor.predict(image)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        predictor.predict(image)
+    wall = time.perf_counter() - start
+    return {
+        "window": window,
+        "threads": threads,
+        "repeats": repeats,
+        "wall_s": wall,
+        "input_mpx_per_s": repeats * window**2 / wall / 1e6,
+    }
+
+
+def whole_reference(model: str, slide: str, margin: int, threads: int, out: str) -> dict[str, Any]:
+    """Labels of one forward pass over the whole analysis image plus ``margin`` px of white.
+
+    Without the white margin the reference itself is wrong where the network's zero padding
+    meets tissue at the image's edges (see the seam section). Saved as ``out`` (.npy).
+    """
+    import torch
+
+    from wsi_espnet.models.cards import load_card
+    from wsi_espnet.predict import get_predictor
+    from wsi_espnet.slide import Slide
+
+    torch.set_num_threads(threads)
+    card = load_card(model)
+    start = time.perf_counter()
+    with Slide.open(slide) as opened:
+        h, w = opened.analysis_shape(card.mpp)
+        image = opened.read_region(-margin, -margin, w + 2 * margin, h + 2 * margin, card.mpp)
+    labels = get_predictor(card, "auto").predict(image[None], crop=margin).labels[0]
+    np.save(out, labels)
+    return {"wall_s": time.perf_counter() - start, "shape": [h, w], "margin": margin}
+
+
 def _load_network(model: str, threads: int) -> tuple[Any, Any]:
     import torch
 
@@ -175,90 +226,60 @@ def _load_network(model: str, threads: int) -> tuple[Any, Any]:
     return card, card.build_model().eval()
 
 
-def _ours(store: str) -> np.ndarray:
-    from wsi_espnet.store import SlideStore
-
-    return SlideStore.open(store).labels(0)[:]
+def _scored(labels: np.ndarray, reference: str, wall: float, windows: int) -> dict[str, Any]:
+    """Whole-run figures of a MONAI setting: output MPx/s and agreement with the reference."""
+    ref = np.load(reference)
+    return {
+        "wall_s": wall,
+        "windows": windows,
+        "output_mpx_per_s": labels.size / wall / 1e6,
+        "agreement": float(np.mean(ref == labels)),
+    }
 
 
 def monai_patch(
-    model: str, slide: str, outdir: str, tile: int, halo: int, batch_size: int, threads: int, ours_store: str
+    model: str, slide: str, patch: int, overlap: float, batch_size: int, threads: int, reference: str
 ) -> dict[str, Any]:
-    """MONAI PatchInferer + WSISlidingWindowSplitter (OpenSlide) + ZarrAvgMerger, our tissue rule.
+    """MONAI ``PatchInferer`` + ``WSISlidingWindowSplitter`` (OpenSlide) + ``AvgMerger``, whole slide.
 
-    The slide's level 1 is exactly the analysis resolution, so MONAI reads it without resampling.
-    MONAI's splitter misplaces patches when given a negative offset (it reads at the padded
-    location, then reports the unpadded one), so its grid starts at 0: windows of the same size
-    and stride as ours, shifted by ``halo``. A window is kept when its core touches tissue —
-    the same rule as :meth:`TileGrid.select` — judged from our tissue mask.
+    The slide's level 1 is exactly the analysis resolution, so MONAI reads it without
+    resampling. ``AvgMerger`` averages softmax scores in RAM, giving a patch's edge the same
+    weight as its centre, and the OpenSlide reader pads past the slide with black.
     """
     import torch
-    from monai.inferers import PatchInferer, WSISlidingWindowSplitter, ZarrAvgMerger
+    from monai.inferers import AvgMerger, PatchInferer, WSISlidingWindowSplitter
 
     from wsi_espnet.slide import Slide
-    from wsi_espnet.tissue import TissueSettings, detect_tissue
 
     card, network = _load_network(model, threads)
     start = time.perf_counter()
     with Slide.open(slide) as opened:
-        tissue = detect_tissue(opened, TissueSettings())
         shape = opened.analysis_shape(card.mpp)
         level = opened.best_level(card.mpp)
-    kept = []
-
-    def touches_tissue(_patch: Any, location: Any) -> bool:
-        y, x = (int(v) + halo for v in location)
-        h, w = min(tile, shape[0] - y), min(tile, shape[1] - x)
-        keep = h > 0 and w > 0 and bool(tissue.region(y, x, h, w, card.mpp).any())
-        if keep:
-            kept.append((y, x))
-        return keep
+    windows = 0
 
     def preprocess(patches: torch.Tensor) -> torch.Tensor:
+        nonlocal windows
+        windows += patches.shape[0]
         return card.normalisation.apply(torch.as_tensor(patches).permute(0, 2, 3, 1))
 
-    out = Path(outdir)
-    out.mkdir(parents=True, exist_ok=True)
     inferer = PatchInferer(
-        splitter=WSISlidingWindowSplitter(
-            patch_size=tile + 2 * halo,
-            overlap=2 * halo,
-            filter_fn=touches_tissue,
-            reader="OpenSlide",
-            level=level,
-        ),
-        merger_cls=ZarrAvgMerger,
+        splitter=WSISlidingWindowSplitter(patch_size=patch, overlap=overlap, reader="OpenSlide", level=level),
+        merger_cls=AvgMerger,
         batch_size=batch_size,
         preprocessing=preprocess,
         postprocessing=lambda logits: torch.softmax(logits, 1),
-        store=str(out / "merged.zarr"),
-        value_store=str(out / "values.zarr"),
-        count_store=str(out / "counts.zarr"),
     )
     with torch.inference_mode():
         merged = inferer(str(slide), network)
-    labels = np.zeros(shape, np.uint8)
-    step = 512  # argmax by row bands: the merged float array may not fit in memory
-    for y in range(0, shape[0], step):
-        labels[y : y + step] = np.nan_to_num(np.asarray(merged[0, :, y : y + step, : shape[1]])).argmax(0)
-    wall = time.perf_counter() - start
-    covered = np.zeros(shape, bool)
-    for y, x in kept:
-        covered[y : y + tile, x : x + tile] = True
-    mask = covered & tissue.region(0, 0, shape[0], shape[1], card.mpp)
-    ours = _ours(ours_store)
-    return {
-        "wall_s": wall,
-        "tiles": len(kept),
-        "tiles_per_s": len(kept) / wall,
-        "agreement_on_tissue": float(np.mean(ours[mask] == labels[mask])) if mask.any() else None,
-    }
+        labels = merged[0].argmax(0).to(torch.uint8).numpy()[: shape[0], : shape[1]]
+    return _scored(labels, reference, time.perf_counter() - start, windows)
 
 
 def monai_sliding_window(
-    model: str, slide: str, tile: int, halo: int, batch_size: int, threads: int, ours_store: str
+    model: str, slide: str, roi: int, overlap: float, mode: str, batch_size: int, threads: int, reference: str
 ) -> dict[str, Any]:
-    """MONAI's in-RAM ``sliding_window_inference`` on the whole level (it must fit in memory)."""
+    """MONAI's in-RAM ``sliding_window_inference`` on the whole analysis image (it must fit in RAM)."""
     import torch
     from monai.inferers import sliding_window_inference
 
@@ -269,31 +290,34 @@ def monai_sliding_window(
     with Slide.open(slide) as opened:
         shape = opened.analysis_shape(card.mpp)
         image = opened.read_region(0, 0, shape[1], shape[0], card.mpp)
+    windows = 0
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal windows
+        windows += batch.shape[0]
+        return torch.softmax(network(batch), 1)
+
     with torch.inference_mode():
         x = card.normalisation.apply(torch.from_numpy(image)[None])
         probs = sliding_window_inference(
-            x,
-            roi_size=(tile + 2 * halo,) * 2,
-            sw_batch_size=batch_size,
-            predictor=lambda batch: torch.softmax(network(batch), 1),
-            overlap=2 * halo / (tile + 2 * halo),
-            mode="constant",
+            x, roi_size=(roi, roi), sw_batch_size=batch_size, predictor=predictor, overlap=overlap, mode=mode
         )
         labels = probs[0].argmax(0).to(torch.uint8).numpy()
-    wall = time.perf_counter() - start
-    size = tile + 2 * halo
-    stride = size - 2 * halo
-    windows = math.prod(math.ceil(max(s - size, 0) / stride) + 1 for s in shape)
-    return {
-        "wall_s": wall,
-        "tiles": windows,
-        "tiles_per_s": windows / wall,
-        "agreement": float(np.mean(_ours(ours_store) == labels)),
-    }
+    return _scored(labels, reference, time.perf_counter() - start, windows)
 
 
 VARIANTS = {
-    f.__name__: f for f in (model_only, efficiency, segment_once, seam, monai_patch, monai_sliding_window)
+    f.__name__: f
+    for f in (
+        model_only,
+        efficiency,
+        segment_once,
+        seam,
+        network_rate,
+        whole_reference,
+        monai_patch,
+        monai_sliding_window,
+    )
 }
 
 if __name__ == "__main__":

@@ -12,9 +12,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from benchmarks.gigapixel import core_px, halo_union_px, selected_chunks
+from wsi_espnet.store import ProgressLog
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _raster_union(indices: list[tuple[int, int]], shape: tuple[int, int], tile: int, halo: int) -> int:
+    """The same union counted pixel by pixel on a canvas with ``halo`` of margin."""
+    canvas = np.zeros((shape[0] + 2 * halo, shape[1] + 2 * halo), bool)
+    for iy, ix in indices:
+        y1, x1 = min(iy * tile + tile, shape[0]), min(ix * tile + tile, shape[1])
+        canvas[iy * tile : y1 + 2 * halo, ix * tile : x1 + 2 * halo] = True
+    return int(canvas.sum())
+
+
+def test_halo_union_counts_overlapping_windows_once() -> None:
+    shape = (1000, 1300)  # partial chunks on the bottom and right edges at tile 256
+    assert halo_union_px([(0, 0)], shape, 256, 64) == 384**2
+    assert halo_union_px([(0, 0), (0, 1)], shape, 256, 64) == 384 * (512 + 128)
+    assert halo_union_px([(3, 5)], shape, 256, 64) == (1000 - 768 + 128) * (1300 - 1280 + 128)
+    assert halo_union_px([], shape, 256, 64) == 0
+    rng = np.random.default_rng(0)
+    cells = [(int(y), int(x)) for y, x in zip(*np.nonzero(rng.random((4, 6)) < 0.4), strict=True)]
+    assert halo_union_px(cells, shape, 256, 64) == _raster_union(cells, shape, 256, 64)
+    assert core_px(cells, shape, 256) == _raster_union(cells, shape, 256, 0)
+
+
+def test_selected_chunks_read_back_from_progress_records(tmp_path: Path) -> None:
+    log = ProgressLog(tmp_path / ".progress")
+    log.record("0-0-2", [(0, 0), (0, 1)])
+    log.record("2-3-1", [(2, 3)])
+    assert selected_chunks(tmp_path) == [(0, 0), (0, 1), (2, 3)]
 
 
 @pytest.mark.slow
@@ -34,11 +66,12 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1500,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert {"machine", "profile", "efficiency", "seam", "peer", "scale", "tissue_skipping"} <= results.keys()
+    sections = {"efficiency", "seam", "peer", "scale", "tissue_skipping", "gigapixel"}
+    assert {"machine", "profile", *sections} <= results.keys()
     assert results["machine"]["versions"]["torch"]
 
     eff = results["efficiency"]
@@ -53,13 +86,31 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
     assert tissue["t60"]["tiles"] > tissue["t10"]["tiles"] > 0
 
     peer = results["peer"]
-    assert peer["ours_all_tiles"]["tiles"] >= peer["ours_tissue"]["tiles"]
+    assert peer["analysis_shape"] == [1024, 1024]  # the 2048² mosaic at 0.5 µm/px, read at 1 µm/px
+    assert 0.5 < peer["ours"]["agreement"] <= 1.0 and peer["ours"]["output_mpx_per_s"] > 0
     if importlib.util.find_spec("monai") is None:
         assert "monai" in peer["skipped"]
     else:
-        assert peer["monai_patch_inferer"]["tiles"] > 0
-        assert 0.5 < peer["monai_patch_inferer"]["agreement_on_tissue"] <= 1.0
-    assert "[scale]" in proc.stdout and "[tissue]" in proc.stdout
+        for name in (
+            "sliding_window_512_0.25_gaussian",
+            "patch_inferer_1024_0.5_avg",
+            "patch_inferer_512_0.25_avg",
+        ):
+            run = peer[f"monai_{name}"]
+            assert run["windows"] > 0 and 0.5 < run["agreement"] <= 1.0 and run["output_mpx_per_s"] > 0
+
+    giga = results["gigapixel"]
+    assert giga["network"]["input_mpx_per_s"] > 0
+    for label in ("x1", "x4"):
+        run = giga[label]
+        assert run["selected_chunks"] == run["tiles"]["processed"] > 0
+        # No tiling computes less than the union of the halo windows (blocks get closer to it).
+        assert 1.0 < run["floor_amplification"] <= run["amplification"] + 1e-9
+        assert run["limit_s"] > 0 and run["peak_rss_mib"] > 0 and "exports_s" in run["timings_s"]
+    assert giga["x4"]["output_px"] > giga["x1"]["output_px"]
+    assert set(giga["ratios"]) >= {"amplification_vs_floor", "limit_over_wall", "peak_rss_ratio_at_4x_area"}
+    for tag in ("[scale]", "[tissue]", "[peer]", "[gigapixel]"):
+        assert tag in proc.stdout
 
 
 def test_gpu_script_skips_cleanly_without_cuda() -> None:

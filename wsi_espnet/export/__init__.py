@@ -61,7 +61,8 @@ def export_all(
 
     ``output_dir`` is ``OUTDIR/<stem>`` (or the store itself); ``formats`` (default: the
     settings', which default to all) picks the exports. Files: ``<stem>.geojson``,
-    ``<stem>.labels.ome.tif`` (palette) and ``<stem>.labels-rgb.ome.tif`` (+ ``<stem>.scores.ome.tif``), ``<stem>.overlay.png``,
+    ``<stem>.labels.ome.tif`` (palette), ``<stem>.labels-rgb.ome.tif``
+    (+ ``<stem>.scores.ome.tif``), ``<stem>.overlay.png``,
     ``<stem>.report.html``. Without ``slide_thumbnail`` the slide named in the store is read
     for the overlay background when it is still there.
     """

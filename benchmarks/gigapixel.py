@@ -1,0 +1,187 @@
+"""The ``gigapixel`` section: whole ``segment`` commands on a synthetic 40x biopsy and its 1/4.
+
+Each slide is segmented with the defaults in a fresh ``python -m wsi_espnet segment`` process,
+as a user would run it, exports included. Against each run stands its **limit**: the least the
+network must compute for seamless labels (the union of every selected chunk's halo window,
+overlaps counted once) at the network's own rate on one large window without halo, measured
+in the same benchmark run. The targets are the ratio rows of issue 10.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.common import Bench, run_variant, segment_command
+from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.sample import write_sample_slide
+
+MPP = 0.25  # 40x
+TISSUE_FRACTION = 0.12  # a biopsy's fragments on mostly glass
+TARGETS = {
+    "amplification_vs_floor": ("<=", 1.25),
+    "limit_over_wall": (">=", 0.6),
+    "post_inference_share": ("<=", 0.15),
+    "export_ratio_at_4x_area": ("<=", 4.5),
+    "peak_rss_ratio_at_4x_area": ("<=", 1.15),
+}
+
+
+def halo_union_px(indices: list[tuple[int, int]], shape: tuple[int, int], tile: int, halo: int) -> int:
+    """Area (px) of the union of each chunk's window: its core grown by ``halo`` on every side.
+
+    Exact rectangle-union arithmetic: the windows' edges cut the plane into a small grid of
+    cells, each either inside some window or not. Cores are clipped to the slide (edge chunks
+    are partial); windows are not, since the network also sees the white padding around them.
+    The library's ``wsi_espnet.blocks.halo_union_floor`` (issue 10) should replace this once
+    it exists, so that the benchmark and the block planner count the same floor.
+    """
+    if not indices:
+        return 0
+    idx = np.asarray(indices, dtype=np.int64)
+    y0, x0 = idx[:, 0] * tile - halo, idx[:, 1] * tile - halo
+    y1 = np.minimum(idx[:, 0] * tile + tile, shape[0]) + halo
+    x1 = np.minimum(idx[:, 1] * tile + tile, shape[1]) + halo
+    ys, xs = np.unique(np.concatenate([y0, y1])), np.unique(np.concatenate([x0, x1]))
+    covered = np.zeros((ys.size - 1, xs.size - 1), bool)
+    rows = zip(np.searchsorted(ys, y0), np.searchsorted(ys, y1), strict=True)
+    cols = zip(np.searchsorted(xs, x0), np.searchsorted(xs, x1), strict=True)
+    for (a, b), (c, d) in zip(rows, cols, strict=True):
+        covered[a:b, c:d] = True
+    return int((np.diff(ys)[:, None] * np.diff(xs)[None, :])[covered].sum())
+
+
+def core_px(indices: list[tuple[int, int]], shape: tuple[int, int], tile: int) -> int:
+    """Output pixels of the chunks at ``indices`` (edge chunks clipped to the slide)."""
+    return sum((min(tile, shape[0] - iy * tile)) * (min(tile, shape[1] - ix * tile)) for iy, ix in indices)
+
+
+def selected_chunks(output: Path) -> list[tuple[int, int]]:
+    """The chunks a finished run inferred, from its ``.progress/`` records."""
+    return sorted(ProgressLog(output / ".progress").done())
+
+
+def _input_px(run: dict[str, Any], n_chunks: int, tile: int, halo: int) -> tuple[int, str]:
+    """Network input pixels: the pipeline's own count when run.json has one, else chunk windows."""
+    for section in ("inference", "blocks"):
+        value = (run.get(section) or {}).get("input_pixels")
+        if value is not None:
+            return int(value), f"run.json {section}.input_pixels"
+    return n_chunks * (tile + 2 * halo) ** 2, "chunks x (tile + 2 halo)^2"
+
+
+def _flat_timings(timings: dict[str, Any]) -> dict[str, float]:
+    """run.json timings, nested per-export dicts flattened to ``exports.geojson_s`` style keys."""
+    flat: dict[str, float] = {}
+    for key, value in timings.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": float(v) for k, v in value.items() if isinstance(v, int | float)})
+        elif isinstance(value, int | float):
+            flat[key] = float(value)
+    return flat
+
+
+def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dict[str, Any]:
+    """Limit, amplification and stage shares of one finished ``segment`` run."""
+    params, shape = run["parameters"], tuple(run["store_params"]["shape"])
+    tile, halo = int(params["tile"]), int(params["halo"])
+    chunks = selected_chunks(output)
+    out_px = core_px(chunks, shape, tile)
+    union = halo_union_px(chunks, shape, tile, halo)
+    input_px, source = _input_px(run, len(chunks), tile, halo)
+    timings = _flat_timings(run.get("timings", {}))
+    post = sum(timings.get(k, 0.0) for k in ("pyramid_s", "statistics_s", "exports_s"))
+    limit_s = union / (rate * 1e6)
+    return {
+        "analysis_shape": list(shape),
+        "tile": tile,
+        "halo": halo,
+        "tiles": run.get("tiles", {}),
+        "selected_chunks": len(chunks),
+        "output_px": out_px,
+        "output_mpx_per_s": out_px / wall / 1e6,
+        "union_px": union,
+        "floor_amplification": union / out_px if out_px else None,
+        "input_px": input_px,
+        "input_px_source": source,
+        "amplification": input_px / out_px if out_px else None,
+        "limit_s": limit_s,
+        "limit_over_wall": limit_s / wall,
+        "timings_s": timings,
+        "post_inference_s": post,
+        "post_inference_share": post / wall,
+    }
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    """a ÷ b, or None when either is missing (an older run.json, a slide without tissue)."""
+    return a / b if a is not None and b else None
+
+
+def _slide(data: Path, width: int, height: int) -> Path:
+    path = data / f"gigapixel-{width}x{height}-mpp{MPP}-t{TISSUE_FRACTION}.tif"
+    if not path.exists():
+        data.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial")
+        write_sample_slide(partial, width, height, mpp=MPP, tissue_fraction=TISSUE_FRACTION, seed=0)
+        partial.rename(path)
+    return path
+
+
+def gigapixel(b: Bench) -> dict[str, Any]:
+    """The 40x slide and its quarter-area sibling, each as one whole ``segment`` command."""
+    p = b.profile
+    slides = {"x1": p.gigapixel[1], "x4": p.gigapixel[0]}
+    paths = {label: _slide(b.data, *size) for label, size in slides.items()}
+    rate = run_variant("network_rate", model=b.model, window=p.gigapixel_window, threads=2)
+    runs: dict[str, Any] = {"network": rate}
+    for label, slide in paths.items():
+        out = b.work / f"out-gigapixel-{label}"
+        cmd = segment_command(slide, out, {"model": b.model, **p.settings})
+        runs[label] = {
+            "slide": str(slide),
+            "slide_width_height_px": list(slides[label]),
+            "command": cmd["command"],
+            "wall_s": cmd["wall_s"],
+            "peak_rss_mib": cmd["peak_rss_mib"],
+            **_analyse(cmd["run"], Path(cmd["output"]), cmd["wall_s"], rate["input_mpx_per_s"]),
+        }
+    x1, x4 = runs["x1"], runs["x4"]
+    runs["ratios"] = {
+        "amplification_vs_floor": _ratio(x4["amplification"], x4["floor_amplification"]),
+        "limit_over_wall": x4["limit_over_wall"],
+        "post_inference_share": x4["post_inference_share"],
+        "export_ratio_at_4x_area": _ratio(x4["timings_s"].get("exports_s"), x1["timings_s"].get("exports_s")),
+        "peak_rss_ratio_at_4x_area": _ratio(x4["peak_rss_mib"], x1["peak_rss_mib"]),
+        "output_px_ratio": _ratio(x4["output_px"], x1["output_px"]),
+        "wall_ratio": _ratio(x4["wall_s"], x1["wall_s"]),
+    }
+    return runs
+
+
+def lines(g: dict[str, Any]) -> list[str]:
+    """The section's terminal table: per run, then the target rows of issue 10."""
+    out = [
+        f"[gigapixel] network alone: {g['network']['input_mpx_per_s']:.3g} MPx/s of input "
+        f"({g['network']['window']}² window, no halo, {g['network']['threads']} torch threads)"
+    ]
+    for label in ("x1", "x4"):
+        r = g[label]
+        width, height = r["slide_width_height_px"]
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["timings_s"].items())
+        out += [
+            f"[gigapixel] {label}: slide {width}x{height} px, "
+            f"{r['selected_chunks']} chunks, wall {r['wall_s']:.1f} s, {r['output_mpx_per_s']:.3g} output "
+            f"MPx/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+            f"[gigapixel] {label}: amplification {r['amplification']:.2f} "
+            f"(floor {r['floor_amplification']:.2f}), limit {r['limit_s']:.1f} s = "
+            f"{r['limit_over_wall']:.2f} of wall; stages (s): {stages}",
+        ]
+    for key, value in g["ratios"].items():
+        target = TARGETS.get(key)
+        shown = "n/a" if value is None else f"{value:.3g}"
+        goal = f"  (target {target[0]} {target[1]})" if target else ""
+        out.append(f"[gigapixel] {key}: {shown}{goal}")
+    return out
