@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from wsi_espnet.block_size import BYTES_PER_INPUT_PX, block_chunks_from_pixels, choose_block_chunks
+from wsi_espnet.block_size import BYTES_PER_INPUT_PX, choose_block_chunks
 from wsi_espnet.blocks import amplification, fixed_blocks, halo_union_floor, plan_blocks
+from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.slide import Slide
@@ -126,16 +127,16 @@ def test_block_size_from_memory_budget() -> None:
     assert choose_block_chunks("cpu", 2, 512, 256, budget_bytes=exact) == 1  # two windows at once
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=1) == 1  # a lone chunk at least
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=10**15) == 8  # capped at 4096 px
-    assert 1 <= choose_block_chunks("cpu", 4, 512, 256) <= 8  # from the RAM available now
+    assert 1 <= choose_block_chunks("cpu", 4, 512, 256) <= 8  # from the machine's RAM
     assert choose_block_chunks("cuda", 4, 512, 256, budget_bytes=4 * exact) == 3  # batch of 4 on a GPU
 
 
 def test_block_option_is_a_multiple_of_the_tile() -> None:
-    assert block_chunks_from_pixels(2048, 512) == 4
-    assert block_chunks_from_pixels(512, 512) == 1
+    assert SegmentSettings(block=2048).validate().block == 2048
+    assert SegmentSettings(block=512).validate().block == 512
     for bad in (1000, 0, 256, -512):
         with pytest.raises(ConfigError, match="--block must be a positive multiple of --tile"):
-            block_chunks_from_pixels(bad, 512)
+            SegmentSettings(block=bad).validate()
 
 
 def test_generator_layout_is_what_tissue_detection_finds(small_slide: Path) -> None:

@@ -48,7 +48,14 @@ def test_sample_slide_produces_every_output(sample_run):
     assert run["tiles"]["processed"] + run["tiles"]["skipped_background"] == 12
     assert run["versions"]["torch"].startswith("2.")
     assert run["parameters"]["tile"] == 256
-    assert set(run["timings"]) >= {"prepare_s", "pyramid_s", "statistics_s", "exports_s"}
+    stages = {"prepare_s", "read_s", "inference_s", "write_s", "pyramid_s", "statistics_s", "exports_s"}
+    assert set(run["timings"]) >= stages
+    assert set(run["timings"]["exports_s"]) == {"geojson", "ometiff", "png", "html"}
+    blocks = run["inference"]
+    assert blocks["block_chunks"] >= 1 and blocks["blocks"] >= 1
+    assert blocks["amplification"] >= blocks["halo_union_floor"] > 1
+    report = (folder / "small.report.html").read_text()
+    assert "complete" in report and "exporting" not in report  # written after the final status
     with open(outdir / "summary.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert rows[0]["status"] == "done" and float(rows[0]["tissue_area_mm2"]) > 0
@@ -164,15 +171,17 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     value naming the file once, not as an exception that Dask would retry."""
     import shutil
 
+    from wsi_espnet.finalise import run_finalise
+    from wsi_espnet.infer import infer_task
+    from wsi_espnet.prepare import prepare_slide
     from wsi_espnet.runstate import Failed, SlidePlan
-    from wsi_espnet.tasks import infer_chunks, prepare_slide, run_finalise
 
     slide = shutil.copy(small_slide, tmp_path / "moved.tif")
     settings = _settings(tissue_card, workers=0)
     plan = prepare_slide(SlideJob(slide), tmp_path / "out", settings)
-    assert isinstance(plan, SlidePlan) and plan.todo
+    assert isinstance(plan, SlidePlan) and plan.blocks
     (tmp_path / "moved.tif").unlink()
-    failed = infer_chunks(plan, plan.todo[:1], settings.inference)
+    failed = infer_task(plan, list(plan.blocks[:1]), settings.inference)
     assert isinstance(failed, Failed) and failed.error.count("moved.tif") == 1
     assert run_finalise(plan, settings.outputs, failed) == failed  # finalise does not run
     assert json.loads((tmp_path / "out" / "moved" / "run.json").read_text())["status"] == "running"

@@ -20,8 +20,17 @@ from wsi_espnet.pipeline import run_segment
 from wsi_espnet.runstate import SlideJob
 from wsi_espnet.store import SlideStore
 
-# 128-px chunks, two per task: 48 chunks in 24 recorded batches, so there is time to interrupt.
-RUN = {"tile": 128, "halo": 64, "chunks_per_task": 2, "batch_size": 2, "formats": [], "quiet": True}
+# 128-px chunks in blocks of at most 2x2, about two chunks per task: 48 chunks in many recorded
+# blocks, so there is time to interrupt (each block is recorded once all its chunks are written).
+RUN = {
+    "tile": 128,
+    "halo": 64,
+    "block": 256,
+    "chunks_per_task": 2,
+    "batch_size": 2,
+    "formats": [],
+    "quiet": True,
+}
 
 
 def _labels(outdir):
@@ -56,7 +65,7 @@ def test_kill_9_then_rerun_resumes_to_identical_labels(small_slide, tissue_card,
         [*command, "--config", str(config)], stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
-        _wait_for_batches(outdir / "small" / ".progress", 3, proc)
+        _wait_for_batches(outdir / "small" / ".progress", 6, proc)  # each holds >= 1 chunk
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

@@ -13,7 +13,15 @@ from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import load_card
 from wsi_espnet.predict import Predictor
 from wsi_espnet.slide import Slide
-from wsi_espnet.tiled import batch_blocks, image_reader, infer_block, infer_blocks, infer_image, slide_reader
+from wsi_espnet.tiled import (
+    RunOptions,
+    StageTimes,
+    batch_blocks,
+    image_reader,
+    infer_blocks,
+    infer_image,
+    slide_reader,
+)
 
 CMU1 = "wsi_aperio_cmu1_small_region/CMU-1-Small-Region.svs"
 
@@ -47,8 +55,12 @@ def test_block_agrees_with_one_window_and_with_chunks(cmu1: Slide, predictor: Pr
     owned = ((10, 8), (10, 9), (11, 8), (11, 9))  # 2 x 2 chunks inside the tissue
     block = Block(10, 8, 2, 2, owned)
     read = slide_reader(cmu1, 1.0)
-    got = {chunk.index: (s, lab) for chunk, s, lab in infer_block(read, predictor, block, grid)}
+    times = StageTimes()
+    (output,) = infer_blocks(read, predictor, [block], grid, RunOptions(times=times))
+    got = {chunk.index: (s, lab) for chunk, s, lab in output.chunks(grid)}
     assert sorted(got) == sorted(owned)
+    assert output.window.shape == (2 * 64 + 512, 2 * 64 + 512, 3)
+    assert times.input_pixels == 640 * 640 and times.inference_s > 0 and times.read_s > 0
     # The block's core is analysis rows 640-768, columns 512-640. One window over that region
     # equal to the block's window sees the very same pixels; one with more context (384 px a
     # side) agrees to within seams.
@@ -84,7 +96,8 @@ def test_infer_image_is_the_chunk_path(cmu1: Slide, predictor: Predictor) -> Non
     assert {(b.rows, b.cols) for b in blocks} != {(1, 1)}
     blocked = infer_image(image, predictor, 128, 64, block_chunks=2)
     from_slide = np.zeros(shape, np.uint8)
-    for chunk, _, labels in infer_blocks(slide_reader(cmu1, mpp), predictor, blocks, grid, batch_size=2):
+    outputs = infer_blocks(slide_reader(cmu1, mpp), predictor, blocks, grid, RunOptions(batch_size=2))
+    for chunk, _, labels in (c for out in outputs for c in out.chunks(grid)):
         from_slide[chunk.y0 : chunk.y0 + chunk.h, chunk.x0 : chunk.x0 + chunk.w] = labels
     assert np.array_equal(blocked.labels, from_slide)
     assert blocked.scores.shape == (predictor.card.n_classes, *shape)

@@ -1,4 +1,4 @@
-"""How many chunks a side an inference block may have: from the device's memory, or ``--block``.
+"""How many chunks a side an inference block may have, from the device's memory (or ``--block``).
 
 A larger block wastes less of the network's work on halos (a k x k block of 512-px chunks with a
 256-px halo costs ((k + 1) / k)^2 input pixels per output pixel), and the network's cost per
@@ -12,8 +12,6 @@ import math
 import psutil
 import torch
 
-from wsi_espnet.errors import ConfigError
-
 # Peak resident memory of one ESPNet forward pass (shipped breast-tissue card, CPU, fp32,
 # torch.inference_mode, crop=halo, softmax and argmax included) per input pixel. Measured as
 # ru_maxrss deltas in fresh processes (2 threads, torch 2.13) after a 64-px warm-up:
@@ -21,7 +19,9 @@ from wsi_espnet.errors import ConfigError
 # 993 MiB / 5.24 MPx = 199 B/px (and 199 B/px of either window alone). 1024 carries allocator
 # and oneDNN start-up overhead. Rounded up for the uint8 window and the prefetched next one.
 BYTES_PER_INPUT_PX = 220
-# Share of the memory available now that one forward pass may take, on CPU: a Dask worker also
+# Share of the machine's total RAM that one forward pass may take, on CPU. Total, not available
+# now: the choice must not change from run to run on one machine, because block seams decide the
+# last bits of the labels and a resumed or repeated run must give identical labels. A worker also
 # holds the slide reader, the zarr write buffers and, with several workers, other workers' passes.
 CPU_BUDGET_SHARE = 0.25
 # Share of free GPU memory for the batch: the rest is cuDNN workspace and allocator slack.
@@ -39,7 +39,7 @@ def choose_block_chunks(
 ) -> int:
     """The largest block edge, in chunks, whose ``batch_size`` windows fit the memory budget.
 
-    ``budget_bytes`` defaults to a share of the RAM available now (CPU) or of the GPU's free
+    ``budget_bytes`` defaults to a share of the machine's total RAM (CPU) or of the GPU's free
     memory (CUDA). Never less than 1 (a lone chunk's window is what ran before blocks existed),
     never more than ``MAX_CORE_PX // tile``.
     """
@@ -49,14 +49,16 @@ def choose_block_chunks(
             free, _ = torch.cuda.mem_get_info(device)
             budget_bytes = int(free * CUDA_BUDGET_SHARE)
         else:
-            budget_bytes = int(psutil.virtual_memory().available * CPU_BUDGET_SHARE)
+            budget_bytes = int(psutil.virtual_memory().total * CPU_BUDGET_SHARE)
     per_window_px = budget_bytes / (max(batch_size, 1) * BYTES_PER_INPUT_PX)
     fits = math.floor((math.sqrt(max(per_window_px, 0.0)) - 2 * halo) / tile)
     return max(1, min(fits, MAX_CORE_PX // tile))
 
 
-def block_chunks_from_pixels(block_px: int, tile: int) -> int:
-    """``--block`` (analysis pixels per side, a positive multiple of the tile) → chunks per side."""
-    if block_px < tile or block_px % tile:
-        raise ConfigError(f"--block must be a positive multiple of --tile ({tile} px), got {block_px}")
-    return block_px // tile
+def blocks_per_pass(device: torch.device | str, batch_size: int) -> int:
+    """Blocks per forward pass: ``--batch-size`` on a GPU, one on a CPU.
+
+    On a CPU a batch buys nothing once a block is large (the cost per input pixel is flat from
+    1024² up), while four blocks at once would force blocks a quarter the area (more halo).
+    """
+    return batch_size if torch.device(device).type == "cuda" else 1

@@ -95,6 +95,11 @@ def _segment_options(func: Any) -> Any:
         click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides whose files carry none."),
         click.option("--tile", type=int, help="Output chunk edge in analysis pixels [512]."),
         click.option("--halo", type=int, help="Context read around each tile, in analysis pixels [256]."),
+        click.option(
+            "--block",
+            type=int,
+            help="Inference block edge in analysis pixels, a multiple of --tile [from the device's memory].",
+        ),
         click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
         click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
         click.option("--workers", type=int, help="Local Dask worker processes; 0 runs in-process [1]."),

@@ -23,12 +23,15 @@ from typing import Any
 from distributed import Client, Future, as_completed, performance_report
 from tqdm.auto import tqdm
 
+from wsi_espnet.blocks import Block
 from wsi_espnet.cluster import dashboard_link, open_client
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import OutputError
+from wsi_espnet.finalise import run_finalise
+from wsi_espnet.infer import Inferred, infer_task
 from wsi_espnet.outputs import SlideOutput, slide_stem, write_summary
+from wsi_espnet.prepare import prepare_slide
 from wsi_espnet.runstate import Done, Failed, Outcome, Skipped, SlideJob, SlidePlan
-from wsi_espnet.tasks import infer_chunks, prepare_slide, run_finalise
 
 logger = logging.getLogger(__name__)
 
@@ -129,28 +132,40 @@ class _CohortRun:
                 value = Failed(job, f"{job.path}: {type(exc).__name__}: {exc}".splitlines()[0])
             if isinstance(value, SlidePlan):
                 self.schedule(future, value)
-            elif isinstance(value, int):
-                self.bar.update(value)
+            elif isinstance(value, Inferred):
+                self.bar.update(value.chunks)
+                if self.bar.n >= self.bar.total:
+                    self.bar.set_postfix_str("pyramid, statistics, exports", refresh=True)
             else:
                 trackers[job].finish(value)
 
     def schedule(self, plan_future: Future, plan: SlidePlan) -> None:
         """After ``prepare``: submit the slide's chunk tasks and its finalise task."""
-        self.bar.total += len(plan.todo)
+        self.bar.total += plan.n_todo
         self.bar.refresh()
-        step, inference = self.settings.chunks_per_task, self.settings.inference
         infer_futures = [
             self.submit(
-                plan.job,
-                infer_chunks,
-                plan_future,
-                plan.todo[i : i + step],
-                inference,
-                resources=self.resources,
+                plan.job, infer_task, plan_future, group, self.settings.inference, resources=self.resources
             )
-            for i in range(0, len(plan.todo), step)
+            for group in task_groups(list(plan.blocks), self.settings.chunks_per_task)
         ]
         self.submit(plan.job, run_finalise, plan_future, self.settings.outputs, *infer_futures)
+
+
+def task_groups(blocks: list[Block], chunks_per_task: int) -> list[list[Block]]:
+    """Whole blocks in groups of about ``chunks_per_task`` chunks: one Dask task each.
+
+    A task is the unit of retries and of load balancing; a block is never split across tasks.
+    """
+    groups: list[list[Block]] = []
+    size = 0
+    for block in blocks:
+        if not groups or size >= chunks_per_task:
+            groups.append([])
+            size = 0
+        groups[-1].append(block)
+        size += len(block.owned)
+    return groups
 
 
 def segment_slides(

@@ -49,10 +49,14 @@ class Predictor:
         self._lock = threading.Lock()
 
     @torch.inference_mode()
-    def predict(self, tiles: np.ndarray, crop: int = 0) -> Prediction:
+    def predict(self, tiles: np.ndarray, crop: int = 0, *, tissue_only: bool = False) -> Prediction:
         """Run the network on ``tiles`` (uint8, N×H×W×3) and drop ``crop`` pixels on each side.
 
         Cropping before the softmax saves the work on the halo, which is discarded anyway.
+        ``tissue_only`` makes the labels the best *tissue* class (the argmax over every channel
+        but the background's, channel 0): ``segment`` uses it where the tissue detector has
+        already decided a pixel is tissue, so that tissue versus glass is decided once, by the
+        detector at analysis resolution, and the model only chooses the class.
         """
         batch = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device, non_blocking=True)
         x = self.card.normalisation.apply(batch)
@@ -64,7 +68,7 @@ class Predictor:
         if crop:
             logits = logits[..., crop : logits.shape[-2] - crop, crop : logits.shape[-1] - crop]
         logits = logits.float()
-        labels = logits.argmax(1).to(torch.uint8)
+        labels = (logits[:, 1:].argmax(1) + 1 if tissue_only else logits.argmax(1)).to(torch.uint8)
         scores = torch.softmax(logits, 1).mul_(255).round_().to(torch.uint8)
         return Prediction(scores.cpu().numpy(), labels.cpu().numpy())
 

@@ -2,50 +2,69 @@
 
 Each Dask task reads a 2x2 block of write units (chunks or shards) from the level above (at
 most ``4 * C * tile**2`` bytes) and writes one whole unit of the level below, so tasks never
-share a chunk or shard and memory is bounded whatever the slide size.
+share a chunk or shard and memory is bounded whatever the slide size. Only units above written
+chunks are visited (see :func:`build_levels`).
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import dask
-import dask.array as da
 import numpy as np
 import zarr
 
+ChunkIndex = tuple[int, int]
 
-def build_levels(levels: list[tuple[zarr.Array, zarr.Array]], client: Any = None) -> None:
-    """Fill each level's (scores, labels) from the previous one, level by level."""
+
+def build_levels(
+    levels: list[tuple[zarr.Array, zarr.Array]],
+    written: Iterable[ChunkIndex] | None = None,
+    client: Any = None,
+) -> None:
+    """Fill each level's (scores, labels) from the previous one, level by level.
+
+    Only the parents of ``written`` level-0 chunks (all chunks when None) are computed, and
+    their parents in turn: on a slide that is mostly glass, the unwritten chunks read as
+    background on every level anyway, so the pyramid costs what the tissue costs.
+    """
+    current = set(written) if written is not None else set(_all_units(levels[0][1]))
     for (scores_above, labels_above), (scores, labels) in itertools.pairwise(levels):
-        pairs = [
-            _downsample(scores_above, scores, _mean_2x2),
-            _downsample(labels_above, labels, _mode_2x2),
+        parents = sorted({(iy // 2, ix // 2) for iy, ix in current})
+        tasks = [
+            dask.delayed(_write_parent)(above, target, index, reduce)
+            for above, target, reduce in (
+                (scores_above, scores, _mean_2x2),
+                (labels_above, labels, _mode_2x2),
+            )
+            for index in parents
         ]
-        # da.store is what da.to_zarr calls for an existing array; called directly it keeps
-        # our blocks, which are already aligned with the target's write units.
-        tasks = da.store([s for s, _ in pairs], [t for _, t in pairs], lock=False, compute=False)
-        dask.compute(tasks, scheduler=client if client is not None else "threads")
+        dask.compute(*tasks, scheduler=client if client is not None else "threads")
+        current = set(parents)
+
+
+def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
+    unit = write_unit(array)
+    rows, cols = (-(-n // u) for n, u in zip(array.shape[-2:], unit[-2:], strict=True))
+    return itertools.product(range(rows), range(cols))
+
+
+def _write_parent(
+    source: zarr.Array, target: zarr.Array, index: ChunkIndex, reduce: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    """Write ``target``'s write unit ``index`` from the 2x2 units above it: one whole unit, once."""
+    unit_h, unit_w = write_unit(target)[-2:]
+    y0, x0 = index[0] * unit_h, index[1] * unit_w
+    block = np.asarray(source[..., 2 * y0 : 2 * (y0 + unit_h), 2 * x0 : 2 * (x0 + unit_w)])
+    out = reduce(block)
+    target[..., y0 : y0 + out.shape[-2], x0 : x0 + out.shape[-1]] = out
 
 
 def write_unit(array: zarr.Array) -> tuple[int, ...]:
     """The smallest region one process may write alone: the shard if sharded, else the chunk."""
     return tuple(array.shards or array.chunks)
-
-
-def _downsample(
-    source: zarr.Array, target: zarr.Array, reduce: Callable[[np.ndarray], np.ndarray]
-) -> tuple[da.Array, zarr.Array]:
-    """Dask array of ``target``'s content, one block per target write unit (chunk or shard)."""
-    unit = write_unit(target)
-    read_chunks = (*unit[:-2], 2 * unit[-2], 2 * unit[-1])
-    src = da.from_zarr(source, chunks=read_chunks)
-    out_chunks = (*src.chunks[:-2], *(tuple((c + 1) // 2 for c in dim) for dim in src.chunks[-2:]))
-    result = src.map_blocks(reduce, chunks=out_chunks, dtype=np.uint8)
-    assert result.shape == target.shape, (result.shape, target.shape)
-    return result, target
 
 
 def _blocks_2x2(block: np.ndarray) -> np.ndarray:

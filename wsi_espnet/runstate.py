@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from wsi_espnet import __version__
+from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput
@@ -160,6 +161,11 @@ class SlidePlan:
     grid: TileGrid
     mpp: float
     slide_mpp: float
-    todo: list[tuple[int, int]]
+    blocks: tuple[Block, ...]  # still to infer; each owns its chunks
     tissue: TissueMask
     mask_labels: bool
+
+    @property
+    def n_todo(self) -> int:
+        """Chunks still to infer (the progress bar's unit)."""
+        return sum(len(block.owned) for block in self.blocks)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,22 +208,28 @@ def _fragment_table(
 
 
 def compute_statistics(
-    store: SlideStore, tissue: TissueMask, level0_scale: float, client: Any = None
+    store: SlideStore,
+    tissue: TissueMask,
+    level0_scale: float,
+    written: Iterable[tuple[int, int]] | None = None,
+    client: Any = None,
 ) -> dict[str, Any]:
     """Tissue area, per-class pixels/areas/regions and a per-fragment table of one slide.
 
     ``level0_scale`` is level-0 pixels per analysis pixel (``store.mpp / slide.mpp``); it only
     converts fragment boxes to the slide's own pixels. Each stored chunk is one Dask task
     (``client`` when given, else local threads); only per-chunk partials reach this process.
+    Only ``written`` chunks are visited (all when None): an unwritten chunk is background.
     """
     mpp, labels = store.mpp, store.labels(0)
+    chunks = store.grid.chunks if written is None else [store.grid.chunk(i) for i in sorted(written)]
     tissue_node = dask.delayed(tissue, pure=True)
-    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c) for c in store.grid.chunks]
+    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c) for c in chunks]
     parts: list[_ChunkPartial] = list(
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
     )
 
-    counts = sum(p.counts for p in parts)
+    counts = sum((p.counts for p in parts), np.zeros(N_VALUES, np.int64))
     region_sizes, region_classes = _merge_regions({p.index: p for p in parts})
     tissue_pixels = int(counts.sum() - counts[BACKGROUND])
     rows = []

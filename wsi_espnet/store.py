@@ -270,9 +270,14 @@ class SlideStore:
         self.scores(0)[:, c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = scores.astype(np.uint8, copy=False)
         self.labels(0)[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = labels.astype(np.uint8, copy=False)
 
-    def build_pyramid(self, client: Any = None) -> None:
-        """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded)."""
-        build_levels([(self.scores(n), self.labels(n)) for n in range(self.n_levels)], client)
+    def build_pyramid(self, written: Iterable[tuple[int, int]] | None = None, client: Any = None) -> None:
+        """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded).
+
+        ``written`` lists the level-0 chunks that hold results (all when None): only they and
+        their parents are visited.
+        """
+        levels = [(self.scores(n), self.labels(n)) for n in range(self.n_levels)]
+        build_levels(levels, written, client)
 
 
 def open_store(target: str | Path | SlideStore) -> SlideStore:

@@ -7,8 +7,10 @@ with the same grid, halo, block plan and white padding, so that what is scored i
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,42 +38,82 @@ def batch_blocks(blocks: list[Block], grid: TileGrid, batch_size: int) -> list[l
     return [same[i : i + size] for same in by_shape.values() for i in range(0, len(same), size)]
 
 
-def _read_batch(read_window: ReadWindow, grid: TileGrid, batch: list[Block]) -> np.ndarray:
-    return np.stack([read_window(*block.window(grid)) for block in batch])
+@dataclass
+class StageTimes:
+    """Seconds spent reading windows and in the network, summed over the blocks of a task.
+
+    Reading runs in a background thread, overlapped with the network, so the two may add up to
+    more than the task's wall time; both are what run.json reports per stage.
+    """
+
+    read_s: float = 0.0
+    inference_s: float = 0.0
+    input_pixels: int = 0
+
+
+@dataclass(frozen=True)
+class BlockOutput:
+    """One block's network input and its halo-cropped output (scores (C, h, w), labels (h, w))."""
+
+    block: Block
+    window: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def chunks(self, grid: TileGrid) -> Iterator[ChunkPrediction]:
+        """(chunk, scores, labels) of each owned chunk: views, clipped to the slide at its edges."""
+        for index in self.block.owned:
+            chunk = grid.chunk(index)
+            ys, xs = self.block.core_slices(grid, chunk)
+            yield chunk, self.scores[:, ys, xs], self.labels[ys, xs]
+
+
+def _read_batch(read_window: ReadWindow, grid: TileGrid, batch: list[Block], times: StageTimes) -> np.ndarray:
+    t0 = time.perf_counter()
+    windows = np.stack([read_window(*block.window(grid)) for block in batch])
+    times.read_s += time.perf_counter() - t0
+    return windows
 
 
 def infer_blocks(
-    read_window: ReadWindow, predictor: Predictor, blocks: list[Block], grid: TileGrid, batch_size: int = 1
-) -> Iterator[ChunkPrediction]:
-    """(chunk, scores, labels) for every chunk the ``blocks`` own, block by block.
+    read_window: ReadWindow,
+    predictor: Predictor,
+    blocks: list[Block],
+    grid: TileGrid,
+    options: RunOptions | None = None,
+) -> Iterator[BlockOutput]:
+    """Each block's input window and output, block by block (one forward pass per batch).
 
     The next batch is read in a background thread while the current one is on the model, so
     disk and decode time hide behind compute. The halo is cropped inside the predictor (before
-    the softmax); each owned chunk is then a slice (a view) of its block's output, clipped to
-    the slide at the right and bottom edges.
+    the softmax).
     """
-    batches = batch_blocks(blocks, grid, batch_size)
+    options = options or RunOptions()
+    times = options.times if options.times is not None else StageTimes()
+    batches = batch_blocks(blocks, grid, options.batch_size)
     if not batches:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="block-reader") as reader:
-        pending = reader.submit(_read_batch, read_window, grid, batches[0])
+        pending = reader.submit(_read_batch, read_window, grid, batches[0], times)
         for k, batch in enumerate(batches):
             windows = pending.result()
             if k + 1 < len(batches):
-                pending = reader.submit(_read_batch, read_window, grid, batches[k + 1])
-            prediction = predictor.predict(windows, crop=grid.halo)
+                pending = reader.submit(_read_batch, read_window, grid, batches[k + 1], times)
+            t0 = time.perf_counter()
+            prediction = predictor.predict(windows, crop=grid.halo, tissue_only=options.tissue_only)
+            times.inference_s += time.perf_counter() - t0
+            times.input_pixels += windows.shape[0] * windows.shape[1] * windows.shape[2]
             for j, block in enumerate(batch):
-                for index in block.owned:
-                    chunk = grid.chunk(index)
-                    ys, xs = block.core_slices(grid, chunk)
-                    yield chunk, prediction.scores[j, :, ys, xs], prediction.labels[j, ys, xs]
+                yield BlockOutput(block, windows[j], prediction.scores[j], prediction.labels[j])
 
 
-def infer_block(
-    read_window: ReadWindow, predictor: Predictor, block: Block, grid: TileGrid
-) -> Iterator[ChunkPrediction]:
-    """(chunk, scores, labels) for the chunks that ``block`` owns, from one forward pass."""
-    return infer_blocks(read_window, predictor, [block], grid)
+@dataclass(frozen=True)
+class RunOptions:
+    """How :func:`infer_blocks` runs: blocks per forward pass, tissue-only labels, a timer."""
+
+    batch_size: int = 1
+    tissue_only: bool = False
+    times: StageTimes | None = None
 
 
 def image_reader(image: np.ndarray) -> ReadWindow:
@@ -109,7 +151,8 @@ def infer_image(
     blocks = plan_blocks(grid.chunks, grid, k)
     scores: np.ndarray | None = None  # its class count is the network's, known from the first block
     labels = np.empty(grid.shape, np.uint8)
-    for chunk, chunk_scores, chunk_labels in infer_blocks(image_reader(image), predictor, blocks, grid):
+    outputs = infer_blocks(image_reader(image), predictor, blocks, grid)
+    for chunk, chunk_scores, chunk_labels in (c for out in outputs for c in out.chunks(grid)):
         if scores is None:
             scores = np.empty((chunk_scores.shape[0], *grid.shape), np.uint8)
         box = slice(chunk.y0, chunk.y0 + chunk.h), slice(chunk.x0, chunk.x0 + chunk.w)

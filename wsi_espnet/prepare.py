@@ -1,8 +1,8 @@
-"""The three kinds of work a Dask worker does for one slide: prepare, infer chunks, finalise.
+"""The prepare task of one slide: open it, find its tissue, create or resume its store, plan blocks.
 
 Workers open the slide and read their own tiles: the client only ships small plans (paths,
-chunk indices, the thumbnail-sized tissue mask), never pixels. User-facing problems (a corrupt
-slide or tile, a missing mpp) are returned as :class:`~wsi_espnet.runstate.Failed` values rather
+blocks of chunk indices, the thumbnail-sized tissue mask), never pixels. User-facing problems (a
+corrupt slide, a missing mpp) are returned as :class:`~wsi_espnet.runstate.Failed` values rather
 than raised, so Dask's retries are spent only on real infrastructure failures such as a lost worker.
 """
 
@@ -11,27 +11,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import dask
 import numpy as np
-import torch
-from distributed import get_worker
 
-from wsi_espnet.config import InferenceSettings, OutputSettings, SegmentSettings
+from wsi_espnet.block_size import blocks_per_pass, choose_block_chunks
+from wsi_espnet.blocks import Block, amplification, halo_union_floor, plan_blocks
+from wsi_espnet.config import SegmentSettings
+from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import SlideError, WsiEspnetError
-from wsi_espnet.export import export_all
-from wsi_espnet.grid import Chunk, TileGrid
+from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import ProgressLog, SlideOutput
-from wsi_espnet.predict import Predictor, get_predictor
-from wsi_espnet.runstate import Done, Failed, RunRecord, Skipped, SlideJob, SlidePlan
+from wsi_espnet.runstate import Failed, RunRecord, Skipped, SlideJob, SlidePlan
 from wsi_espnet.slide import Slide
-from wsi_espnet.stats import compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask, detect_tissue
 
@@ -39,17 +34,6 @@ logger = logging.getLogger(__name__)
 
 # Upsampling a slide more than this to reach the analysis resolution invents detail.
 MAX_UPSAMPLING = 2.0
-
-
-@lru_cache(maxsize=8)
-def _cached_slide(path: str, slide_mpp: float) -> Slide:
-    """One open slide per worker process and file: opening an SVS costs tens of milliseconds."""
-    return Slide.open(path, slide_mpp=slide_mpp)
-
-
-@lru_cache(maxsize=8)
-def _cached_card(model: str) -> ModelCard:
-    return load_card(model)
 
 
 def _check_resolution(slide: Slide, mpp: float, shape: tuple[int, int]) -> None:
@@ -112,7 +96,9 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             output, store_params, settings.overwrite, _store_creator(card, opened)
         )
         done = ProgressLog(output.progress_dir).done()
-        todo = [c.index for c in selected if c.index not in done]
+        k, source = _block_chunks(settings, grid, output if resumed else None)
+        blocks = _pending_blocks([c.index for c in selected], grid, k, done)
+        todo = [index for block in blocks for index in block.owned]
         provenance = {
             "model": _model_record(card),
             "parameters": settings.as_record() | {"mpp": mpp, "slide_mpp": given_mpp},
@@ -124,11 +110,12 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
                 "resumed_from_previous_run": len(selected) - len(todo),
             },
             "store_params": store_params,
+            "inference": _block_record(blocks, grid, (k, source), [c.index for c in selected]),
         }
         timings = {"prepare_s": time.perf_counter() - start, "tissue_detection_s": opened.tissue_seconds}
         RunRecord.start(job, output, provenance).resumed(resumed, timings).write(output)
         slide_mpp = float(opened.metadata["mpp"])  # what the slide's file (or the override) says
-        return SlidePlan(job, output, grid, mpp, slide_mpp, todo, opened.tissue, settings.tissue_detection)
+        return SlidePlan(job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection)
     except WsiEspnetError as exc:
         return Failed(job, str(exc))
 
@@ -202,121 +189,54 @@ def _open_or_create_store(
     return False
 
 
-def _read_windows(slide: Slide, grid: TileGrid, chunks: list[Chunk], mpp: float) -> np.ndarray:
-    windows = []
-    for chunk in chunks:
-        y, x, h, w = grid.window(chunk)
-        windows.append(slide.read_region(x, y, w, h, mpp))
-    return np.stack(windows)
+def _block_chunks(settings: SegmentSettings, grid: TileGrid, resumed: SlideOutput | None) -> tuple[int, str]:
+    """Chunks per block side, and where the figure came from (recorded in run.json).
 
-
-def _give_torch_the_worker_threads() -> None:
-    """Let the network use all of this worker's threads.
-
-    Dask's nanny starts workers with ``OMP_NUM_THREADS=1``, which pins PyTorch to one core
-    whatever the worker was given (measured: 1.5x slower on 2 cores). One batch runs at a time
-    behind the predictor's lock, so the worker's threads are free for the forward pass.
+    ``--block`` wins. A resumed slide keeps the block of the run it resumes, so its labels are
+    those of an uninterrupted run. Otherwise the device decides (:func:`choose_block_chunks`).
     """
-    try:
-        threads = get_worker().state.nthreads
-    except ValueError:  # not inside a Dask worker
-        return
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if settings.block is not None:
+        return settings.block // grid.tile, "--block"  # validated: a multiple of the tile
+    previous = ((resumed.read_run() or {}).get("inference") or {}) if resumed is not None else {}
+    if isinstance(previous.get("block_chunks"), int):
+        return previous["block_chunks"], "resumed run"
+    device = resolve_device(settings.device)
+    batch = blocks_per_pass(device, settings.batch_size)
+    return choose_block_chunks(device, batch, grid.tile, grid.halo), f"{device.type} memory"
 
 
-def infer_chunks(
-    plan: SlidePlan, chunk_indices: list[tuple[int, int]], settings: InferenceSettings
-) -> int | Failed:
-    """Read, infer and write ``chunk_indices`` of one slide; record them as done. Returns count.
+def _pending_blocks(
+    selected: list[tuple[int, int]], grid: TileGrid, k: int, done: set[tuple[int, int]]
+) -> tuple[Block, ...]:
+    """Blocks still to infer: the plan over *all* selected chunks, less the blocks already done.
 
-    The next mini-batch is read in a background thread while the current one is on the
-    model, so disk and decode time hide behind compute. Each chunk is written exactly once,
-    whole, by the only task that owns it: no locks and no read-modify-write. A tile the slide
-    cannot deliver (a corrupt JPEG, a truncated file) is a :class:`Failed` value.
+    Planning over every selected chunk (not just the missing ones) makes a resumed run infer the
+    same windows as an uninterrupted one. Chunks done in another layout (an older run) are kept,
+    and the rest of such a block is planned again on its own.
     """
-    _give_torch_the_worker_threads()
-    try:
-        slide = _cached_slide(str(plan.job.path), plan.slide_mpp)
-        predictor = get_predictor(_cached_card(settings.model), settings.device)
-        _infer(
-            plan,
-            [plan.grid.chunk((int(iy), int(ix))) for iy, ix in chunk_indices],
-            slide,
-            predictor,
-            settings,
-        )
-    except WsiEspnetError as exc:
-        return Failed(plan.job, str(exc))
-    first = chunk_indices[0]
-    ProgressLog(plan.output.progress_dir).record(f"{first[0]}-{first[1]}-{len(chunk_indices)}", chunk_indices)
-    return len(chunk_indices)
+    blocks, stray = [], []
+    for block in plan_blocks(selected, grid, k):
+        finished = [index for index in block.owned if index in done]
+        if not finished:
+            blocks.append(block)
+        elif len(finished) < len(block.owned):
+            stray.extend(index for index in block.owned if index not in done)
+    if stray:
+        blocks.extend(plan_blocks(stray, grid, k))
+    return tuple(blocks)
 
 
-def _infer(
-    plan: SlidePlan, chunks: list[Chunk], slide: Slide, predictor: Predictor, settings: InferenceSettings
-) -> None:
-    store = SlideStore.open(plan.output.store)
-    grid, size = plan.grid, settings.batch_size
-    batches = [chunks[i : i + size] for i in range(0, len(chunks), size)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tile-reader") as reader:
-        pending = reader.submit(_read_windows, slide, grid, batches[0], plan.mpp)
-        for k, batch in enumerate(batches):
-            windows = pending.result()
-            if k + 1 < len(batches):
-                pending = reader.submit(_read_windows, slide, grid, batches[k + 1], plan.mpp)
-            prediction = predictor.predict(windows, crop=grid.halo)
-            for j, chunk in enumerate(batch):
-                labels = prediction.labels[j, : chunk.h, : chunk.w]
-                if plan.mask_labels:  # tissue at analysis resolution, from the whole window
-                    y, x, _, _ = grid.window(chunk)
-                    tissue = plan.tissue.refine(
-                        windows[j],
-                        y,
-                        x,
-                        plan.mpp,
-                        (slice(grid.halo, grid.halo + chunk.h), slice(grid.halo, grid.halo + chunk.w)),
-                    )
-                    labels = np.where(tissue, labels, 0)
-                store.write_chunk(chunk.index, prediction.scores[j, :, : chunk.h, : chunk.w], labels)
-
-
-def finalise_slide(plan: SlidePlan, settings: OutputSettings, tiles_processed: list[int]) -> Done:
-    """Pyramid, statistics, exports, then — last — the ``complete`` status in run.json and zarr.
-
-    Runs on a worker. Dask calls inside it use the local threaded scheduler: a task must not
-    block on the cluster it runs on.
-    """
-    timings: dict[str, float] = {}
-    store = SlideStore.open(plan.output.store)
-    with dask.config.set(scheduler="threads"):
-        t0 = time.perf_counter()
-        store.build_pyramid()
-        timings["pyramid_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp)
-        write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
-        timings["statistics_s"] = time.perf_counter() - t0
-    area = float(stats["tissue_area_mm2"])
-    warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
-    processed = int(sum(tiles_processed))
-    record = RunRecord.read(plan.output).finished(processed, timings, area)
-    record.write(plan.output)
-    t0 = time.perf_counter()
-    if settings.formats:
-        export_all(plan.output.root, settings=settings)
-    timings = {**record.fields["timings"], "exports_s": time.perf_counter() - t0}
-    store.set_status("complete")
-    record.with_fields(timings=timings, warnings=list(warnings), status="complete").write(plan.output)
-    return Done(plan.job, area, processed, warnings)
-
-
-def run_finalise(plan: SlidePlan, settings: OutputSettings, *counts: int | Failed) -> Done | Failed:
-    """Dask entry point: ``counts`` are the infer tasks' results, so this runs after all of them."""
-    failures = [c for c in counts if isinstance(c, Failed)]
-    if failures:
-        return failures[0]
-    try:
-        return finalise_slide(plan, settings, list(counts))  # type: ignore[arg-type]
-    except WsiEspnetError as exc:
-        return Failed(plan.job, str(exc))
+def _block_record(
+    blocks: tuple[Block, ...], grid: TileGrid, choice: tuple[int, str], selected: list[tuple[int, int]]
+) -> dict[str, Any]:
+    """How the network's work was laid out, for run.json and the benchmarks."""
+    k, source = choice
+    return {
+        "block_chunks": k,
+        "block_px": k * grid.tile,
+        "block_source": source,
+        "blocks": len(blocks),
+        "input_pixels": sum(block.input_pixels(grid) for block in blocks),
+        "amplification": amplification(list(blocks), grid) if blocks else None,
+        "halo_union_floor": halo_union_floor(selected, grid) if selected else None,
+    }

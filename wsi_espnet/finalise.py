@@ -1,0 +1,90 @@
+"""The finalise task of one slide: pyramid, statistics, exports, then the ``complete`` status.
+
+Pyramid and statistics visit only the chunks that were written (and, for the pyramid, their
+parents): on a biopsy slide that is mostly glass they cost what its tissue costs, not what its
+area costs. The HTML report is written last, after the status is ``complete``, so it shows the
+status that run.json holds.
+"""
+
+from __future__ import annotations
+
+import time
+
+import dask
+
+from wsi_espnet.config import OutputSettings
+from wsi_espnet.errors import WsiEspnetError
+from wsi_espnet.export import export_all
+from wsi_espnet.infer import Inferred
+from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
+from wsi_espnet.stats import compute_statistics, write_statistics
+from wsi_espnet.store import SlideStore
+
+REPORT = "html"
+
+
+def _stage_seconds(inferred: list[Inferred]) -> dict[str, float]:
+    """Seconds per inference stage summed over the slide's infer tasks (run.json ``timings``)."""
+    return {
+        "read_s": sum(i.read_s for i in inferred),
+        "inference_s": sum(i.inference_s for i in inferred),
+        "tissue_refine_s": sum(i.tissue_s for i in inferred),
+        "write_s": sum(i.write_s for i in inferred),
+    }
+
+
+def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inferred]) -> Done:
+    """Pyramid, statistics, exports, then — last — the ``complete`` status and the report.
+
+    Runs on a worker. Dask calls inside it use the local threaded scheduler: a task must not
+    block on the cluster it runs on.
+    """
+    timings = _stage_seconds(inferred)
+    store = SlideStore.open(plan.output.store)
+    written = ProgressLog(plan.output.progress_dir).done()
+    with dask.config.set(scheduler="threads"):
+        t0 = time.perf_counter()
+        store.build_pyramid(written)
+        timings["pyramid_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written)
+        write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
+        timings["statistics_s"] = time.perf_counter() - t0
+    area = float(stats["tissue_area_mm2"])
+    warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
+    processed = sum(i.chunks for i in inferred)
+    record = RunRecord.read(plan.output).finished(processed, timings, area)
+    record = record.with_fields(
+        inference={
+            **record.fields.get("inference", {}),
+            "input_pixels_this_run": sum(i.input_pixels for i in inferred),
+        }
+    )
+    record.write(plan.output)
+    exports = {f: _timed_export(plan, settings, f) for f in settings.formats if f != REPORT}
+    store.set_status("complete")
+    record = record.with_fields(warnings=list(warnings), status="complete")
+    record = record.with_fields(timings={**record.fields["timings"], "exports_s": exports})
+    record.write(plan.output)
+    if REPORT in settings.formats:  # last: it shows run.json as it now stands
+        exports[REPORT] = _timed_export(plan, settings, REPORT)
+        record.with_fields(timings={**record.fields["timings"], "exports_s": exports}).write(plan.output)
+    return Done(plan.job, area, processed, warnings)
+
+
+def _timed_export(plan: SlidePlan, settings: OutputSettings, fmt: str) -> float:
+    t0 = time.perf_counter()
+    export_all(plan.output.root, formats=(fmt,), settings=settings)
+    return time.perf_counter() - t0
+
+
+def run_finalise(plan: SlidePlan, settings: OutputSettings, *inferred: Inferred | Failed) -> Done | Failed:
+    """Dask entry point: ``inferred`` are the infer tasks' results, so this runs after all of them."""
+    failures = [i for i in inferred if isinstance(i, Failed)]
+    if failures:
+        return failures[0]
+    try:
+        return finalise_slide(plan, settings, list(inferred))  # type: ignore[arg-type]
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
