@@ -77,7 +77,9 @@ def _flat_timings(timings: dict[str, Any]) -> dict[str, float]:
     flat: dict[str, float] = {}
     for key, value in timings.items():
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": float(v) for k, v in value.items() if isinstance(v, int | float)})
+            parts = {f"{key}.{k}": float(v) for k, v in value.items() if isinstance(v, int | float)}
+            flat.update(parts)
+            flat[key] = sum(parts.values())  # e.g. exports_s: the per-format seconds added up
         elif isinstance(value, int | float):
             flat[key] = float(value)
     return flat

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from benchmarks.gigapixel import core_px, halo_union_px, selected_chunks
-from wsi_espnet.store import ProgressLog
+from wsi_espnet.outputs import ProgressLog
 
 ROOT = Path(__file__).resolve().parents[1]
 

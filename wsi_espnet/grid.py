@@ -65,6 +65,10 @@ class TileGrid:
         size = self.tile + 2 * self.halo
         return chunk.y0 - self.halo, chunk.x0 - self.halo, size, size
 
+    def core(self, chunk: Chunk) -> tuple[slice, slice]:
+        """Where ``chunk``'s own pixels sit inside its :meth:`window` (the halo and edge overhang dropped)."""
+        return slice(self.halo, self.halo + chunk.h), slice(self.halo, self.halo + chunk.w)
+
     def select(self, tissue: TissueMask, mpp: float) -> list[Chunk]:
         """Chunks whose core (not halo) holds tissue, judged as :meth:`TissueMask.region` would.
 
