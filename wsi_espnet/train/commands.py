@@ -154,9 +154,9 @@ def evaluate(
 ) -> None:
     """Per-class IoU, mIoU, pixel accuracy and confusion matrix of a model on labelled DATA
     (image/mask folders, or slides with QuPath annotations: only annotated pixels count)."""
+    dev = resolve_device(device)  # before reading any data: a wrong device fails at once
     card = load_card(model_name)
     samples = _evaluation_samples(data, annotations, card, data_mpp, slide_mpp)
-    dev = resolve_device(device)
     metrics = evaluate_model(card.build_model().to(dev), card, samples, dev)
     click.echo(format_table(metrics))
     if out is not None:
