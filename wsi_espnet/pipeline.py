@@ -152,10 +152,11 @@ def segment_slides(
 ) -> list[SlideResult]:
     """Segment ``jobs`` on ``client``'s cluster; write per-slide outputs and merge ``summary.csv``.
 
-    ``refused`` are the slides the preflight check failed (:func:`preflight.check_run`): they are
-    recorded ``failed`` without a task.
+    ``refused`` are the slides the preflight check failed (:func:`preflight.check_run`, run here
+    when the caller has not): they are recorded ``failed`` without a task.
     """
     outdir = Path(outdir)
+    refused = check_run(jobs, outdir, settings) if refused is None else refused
     check_output_dir(outdir)
     trackers = {job: _SlideTracker(job) for job in jobs}
     for job, failure in (refused or {}).items():
