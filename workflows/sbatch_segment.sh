@@ -36,5 +36,5 @@ ADAPT="${ADAPT:-1:8}"             # between 1 and 8 GPU worker jobs at a time
 # source ~/venvs/wsi-espnet/bin/activate
 
 echo "driver job ${SLURM_JOB_ID:-?} on $(hostname): profile ${CLUSTER}, adapt ${ADAPT}"
-exec wsi-espnet segment --manifest "$MANIFEST" --outdir "$OUTDIR" --cluster "$CLUSTER" --adapt "$ADAPT" \
+exec wsi-espnet segment --manifest "$MANIFEST" --output "$OUTDIR" --cluster "$CLUSTER" --adapt "$ADAPT" \
     ${CONFIG:+--config "$CONFIG"}

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from wsi_espnet import __version__
+from wsi_espnet.cli_options import device_option, output_option
+from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import WsiEspnetError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -61,17 +64,43 @@ def _configure_logging() -> None:
 
 @main.command()
 def models() -> None:
-    """List the model cards shipped with wsi-espnet and whether their weights are trained."""
-    from wsi_espnet.models.cards import list_cards
+    """List the model cards shipped with wsi-espnet, their training state and evaluation."""
+    from wsi_espnet.models.cards import DEFAULT_MODEL, list_cards
 
-    rows = [("NAME", "CLASSES", "MPP", "PARAMS", "WEIGHTS", "TRAINED")]
+    rows = [("NAME", "CLASSES", "MPP", "PARAMS", "WEIGHTS", "TRAINED", "EVALUATION")]
+    notes = []
     for card in list_cards():
         weights = "present" if card.weights_present else "missing"
         trained = "yes" if card.trained else "NO (untrained placeholder)"
+        name = f"{card.name} (default)" if card.name == DEFAULT_MODEL else card.name
+        evaluation = evaluation_line(card.extra.get("training") or {})
         rows.append(
-            (card.name, str(card.n_classes), f"{card.mpp:g}", f"{card.n_parameters:,}", weights, trained)
+            (
+                name,
+                str(card.n_classes),
+                f"{card.mpp:g}",
+                f"{card.n_parameters:,}",
+                weights,
+                trained,
+                evaluation,
+            )
         )
+        if "demo" in card.description.lower():
+            notes.append(f"{card.name} is a DEMO model, not for diagnosis: {card.description}")
     _print_table(rows)
+    for note in notes:
+        click.echo(note)
+
+
+def evaluation_line(training: dict[str, Any]) -> str:
+    """The card's leave-one-out figures (``training.loo_*``) in one line, or say there are none."""
+    if training.get("loo_miou") is None:
+        return "not evaluated"
+    parts = [f"leave-one-out mIoU {training['loo_miou']:.3f}"]
+    if training.get("loo_pixel_accuracy") is not None:
+        parts.append(f"pixel accuracy {training['loo_pixel_accuracy']:.3f}")
+    folds = str(training.get("loo_note", "")).split(" (")[0]
+    return ", ".join(parts) + (f" ({folds})" if folds else "")
 
 
 @main.command()
@@ -87,35 +116,63 @@ def info(slide: Path, slide_mpp: float | None) -> None:
         click.echo(f"{key:>18}: {value}")
 
 
+_D = SegmentSettings()
+
+
 def _segment_options(func: Any) -> Any:
+    """segment's options; defaults come from :class:`SegmentSettings`, shown in click's style.
+
+    Only options typed on the command line override a ``--config`` file (see :func:`_given`).
+    """
     options = [
-        click.option("-o", "--outdir", type=click.Path(path_type=Path), required=True, help="Output folder."),
-        click.option("--model", help="Model name (see `wsi-espnet models`) or a model card YAML."),
-        click.option("--mpp", type=float, help="Analysis resolution in µm/px [default: the model card's]."),
+        output_option("outdir", "Output folder.", "--outdir", required=True),
+        click.option("--model", default=_D.model, show_default=True, help="Model name or card YAML."),
+        click.option(
+            "--mpp", type=float, show_default="the model card's", help="Analysis resolution, µm/px."
+        ),
         click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides whose files carry none."),
-        click.option("--tile", type=int, help="Output chunk edge in analysis pixels [512]."),
-        click.option("--halo", type=int, help="Context read around each tile, in analysis pixels [256]."),
+        click.option("--tile", type=int, default=_D.tile, show_default=True, help="Output chunk edge (px)."),
+        click.option("--halo", type=int, default=_D.halo, show_default=True, help="Context per side (px)."),
         click.option(
             "--block",
             type=int,
-            help="Inference block edge in analysis pixels, a multiple of --tile [from the device's memory].",
+            show_default="from the device's memory",
+            help="Inference block edge (px), a multiple of --tile.",
         ),
-        click.option("--batch-size", type=int, help="Tiles per forward pass [4]."),
-        click.option("--device", help="auto, cpu, cuda or cuda:N [auto]."),
-        click.option("--workers", type=int, help="Local Dask worker processes; 0 runs in-process [1]."),
-        click.option("--threads", type=int, help="Threads per local worker [2]."),
+        click.option(
+            "--batch-size", type=int, default=_D.batch_size, show_default=True, help="Tiles per pass."
+        ),
+        device_option(_D.device),
+        click.option(
+            "--workers",
+            type=int,
+            default=_D.workers,
+            show_default=True,
+            help="Local Dask worker processes; 0 runs in-process.",
+        ),
+        click.option(
+            "--threads", type=int, default=_D.threads, show_default=True, help="Threads per worker."
+        ),
         click.option(
             "--tissue-detection/--no-tissue-detection",
-            default=None,
-            help="Infer only chunks with tissue [on].",
+            default=_D.tissue_detection,
+            show_default=True,
+            help="Infer only chunks with tissue.",
         ),
         click.option(
-            "--zarr-format", type=click.Choice(["2", "3"]), help="2: OME-NGFF 0.4; 3: NGFF 0.5 sharded."
+            "--zarr-format",
+            type=click.Choice(["2", "3"]),
+            default=str(_D.zarr_format),
+            show_default=True,
+            help="2: OME-NGFF 0.4; 3: NGFF 0.5 sharded.",
         ),
-        click.option("--formats", help="Exports to write: geojson,ometiff,png,html [all]; '' for none."),
         click.option(
-            "--geojson-per-region", is_flag=True, default=None, help="One GeoJSON feature per region."
+            "--formats",
+            default=",".join(_D.formats),
+            show_default=True,
+            help="Exports to write; '' for none.",
         ),
+        click.option("--geojson-per-region", is_flag=True, help="One GeoJSON feature per region."),
         click.option(
             "--cluster", help="Cluster profile name (local, slurm, slurm-gpu, pbs, lsf, sge) or YAML."
         ),
@@ -127,8 +184,8 @@ def _segment_options(func: Any) -> Any:
             type=click.Path(path_type=Path),
             help="Save Dask's performance report (HTML).",
         ),
-        click.option("--overwrite", is_flag=True, default=None, help="Redo slides whose output is complete."),
-        click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar or summary table."),
+        click.option("--overwrite", is_flag=True, help="Redo slides whose output is complete."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table."),
         click.option(
             "--config",
             "config_file",
@@ -147,28 +204,41 @@ def _segment_options(func: Any) -> Any:
     "--manifest", type=click.Path(path_type=Path), help="CSV with a 'slide' column (optional 'slide_mpp')."
 )
 @_segment_options
-def segment(slides: tuple[Path, ...], manifest: Path | None, outdir: Path, **options: Any) -> None:
+@click.pass_context
+def segment(
+    ctx: click.Context, slides: tuple[Path, ...], manifest: Path | None, outdir: Path, **options: Any
+) -> None:
     """Segment whole-slide images (files or folders) into tissue classes.
 
-    For each slide, OUTDIR/<name>/ receives the OME-Zarr store (class scores and label map),
+    For each slide, OUTPUT/<name>/ receives the OME-Zarr store (class scores and label map),
     statistics (JSON, CSV), a QuPath GeoJSON, an OME-TIFF label image, an overlay PNG, an
-    HTML report and run.json. OUTDIR/summary.csv lists every slide's status. Re-running the same
-    command resumes interrupted slides and skips finished ones.
+    HTML report and run.json; <name> is the file name minus its last extension. OUTPUT/summary.csv
+    lists every slide's status (merged with earlier runs). Re-running the same command resumes
+    interrupted slides and skips finished ones.
     """
 
     jobs = _collect_jobs(slides, manifest)
     if not jobs:
         raise click.UsageError("give at least one slide, folder or --manifest")
-    _run(jobs, outdir, options)
+    _run(jobs, outdir, _given(ctx, options))
+
+
+def _given(ctx: click.Context, options: dict[str, Any]) -> dict[str, Any]:
+    """The options the user typed (or set in the environment); the rest fall back to the
+    ``--config`` file and then to :class:`SegmentSettings`, whose values the help shows."""
+    typed = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) in typed}
+    given["config_file"] = options.get("config_file")
+    return given
 
 
 @main.command()
-@click.option(
-    "-o", "--outdir", type=click.Path(path_type=Path), default=Path("wsi-espnet-demo"), show_default=True
+@output_option(
+    "outdir", "Folder for the synthetic slide and its results.", "--outdir", default=Path("wsi-espnet-demo")
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("-q", "--quiet", is_flag=True, default=None, help="No progress bar.")
-def demo(outdir: Path, device: str, quiet: bool | None) -> None:
+@device_option()
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def demo(outdir: Path, device: str, quiet: bool) -> None:
     """Write a small synthetic H&E-like slide and segment it end to end.
 
     The slide is generated (clearly synthetic, not patient data) so the demo needs no download.
@@ -185,20 +255,34 @@ def demo(outdir: Path, device: str, quiet: bool | None) -> None:
 
 
 def _run(jobs: list[Any], outdir: Path, options: dict[str, Any]) -> None:
+    """Check everything a user can get wrong, then run; a run that cannot start prints only errors."""
     from wsi_espnet.config import load_settings
     from wsi_espnet.pipeline import run_segment
+    from wsi_espnet.preflight import check_run
 
     config_file = options.pop("config_file", None)
     if options.get("zarr_format") is not None:
         options["zarr_format"] = int(options["zarr_format"])
     settings = load_settings(config_file, **options)
-    results = run_segment(jobs, outdir, settings)
+    refused = check_run(jobs, outdir, settings)
+    if len(refused) == len(jobs):
+        for failure in refused.values():
+            click.echo(f"Error: {failure.error}", err=True)
+        sys.exit(1)
+    results = run_segment(jobs, outdir, settings, refused)
     failed = [r for r in results if r.status == "failed"]
     if not settings.quiet:
         _print_table(
-            [("SLIDE", "STATUS", "SECONDS", "TILES", "TISSUE mm²")]
+            [("SLIDE", "STATUS", "SECONDS", "TILES", "TISSUE mm²", "REASON")]
             + [
-                (r.slide.name, r.status, f"{r.seconds:.1f}", str(r.tiles_processed), _fmt(r.tissue_area_mm2))
+                (
+                    r.slide.name,
+                    r.status,
+                    f"{r.seconds:.1f}",
+                    str(r.tiles_processed),
+                    _fmt(r.tissue_area_mm2),
+                    r.error,
+                )
                 for r in results
             ]
         )

@@ -193,11 +193,29 @@ def job_script(profile: ClusterProfile) -> str:
         )
     _, job_options = _split_jobqueue_options(profile.options)
     job_cls = JOBQUEUE_CLASSES[profile.kind].job_cls
-    try:
-        job = job_cls("tcp://<scheduler-address>:8786", name="dask-worker", **job_options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"invalid value for {job_cls.__name__}: {exc}", profile.path) from exc
+    with _no_new_log_directory(job_options.get("log_directory")):
+        try:
+            job = job_cls("tcp://<scheduler-address>:8786", name="dask-worker", **job_options)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid value for {job_cls.__name__}: {exc}", profile.path) from exc
     return job.job_script()
+
+
+@contextlib.contextmanager
+def _no_new_log_directory(log_directory: str | None) -> Iterator[None]:
+    """Remove the ``log_directory`` that dask-jobqueue's ``Job()`` creates, if it was not there.
+
+    The job class makes the folder as soon as it is built, so merely showing a script would
+    leave an empty ``dask-logs/`` in the current directory. Only an empty folder this call
+    created is removed; a real run creates it again when it submits jobs.
+    """
+    folder = Path(log_directory) if log_directory else None
+    existed = folder is None or folder.exists()
+    try:
+        yield
+    finally:
+        if not existed and folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def _make_cluster(

@@ -30,18 +30,57 @@ SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "tiles_processed", "tis
 
 
 def slide_stem(path: Path) -> str:
-    """``CMU-1.ome.tif`` → ``CMU-1``: the name of the slide's output folder and files.
+    """The name of the slide's output folder and files: the file name minus its last extension.
 
-    A DICOM WSI folder keeps its whole name: its dots are not an extension (IDC names folders
-    by series UID, ``1.2.826.0.1...``).
+    ``CMU-1.svs`` → ``CMU-1``, ``CMU-1.pyramid.tif`` → ``CMU-1.pyramid`` and
+    ``CMU-1.pyramid.ome.tif`` → ``CMU-1.pyramid.ome`` (Python's ``Path.stem``): two containers of
+    one slide never share a folder. Names that still meet (``X.svs`` and ``X.tif``) are caught by
+    :func:`check_same_slide`. A DICOM WSI folder keeps its whole name: its dots are not an
+    extension (IDC names folders by series UID, ``1.2.826.0.1...``).
     """
-    name = path.name
-    if path.is_dir():
-        return name
-    for suffix in OME_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
+    return path.name if path.is_dir() else path.stem
+
+
+def slide_file_record(path: Path) -> dict[str, Any]:
+    """What identifies a slide file in run.json ``slide_file``: resolved path, size and mtime.
+
+    A DICOM folder's size is the sum of its files and its mtime the newest of them.
+    """
+    path = Path(path).resolve()
+    files = [f for f in path.iterdir() if f.is_file()] if path.is_dir() else [path]
+    stats = [f.stat() for f in files]
+    return {
+        "path": str(path),
+        "size": sum(s.st_size for s in stats),
+        "mtime": max((s.st_mtime for s in stats), default=0.0),
+    }
+
+
+def check_same_slide(output: SlideOutput, slide: Path, overwrite: bool) -> None:
+    """Refuse an output folder whose run.json was made from another slide file.
+
+    Without this, ``X.svs`` run after ``X.tif`` would be "skipped, already complete" with the
+    other file's results, or resume the other file's partial store. The same path with another
+    size or mtime means the file changed: only ``--overwrite`` may replace its results.
+    """
+    run = output.read_run()
+    if run is None:
+        return
+    recorded = run.get("slide_file") or {"path": run.get("slide")}
+    current = slide_file_record(slide)
+    if recorded.get("path") != current["path"]:
+        raise OutputError(
+            f"output folder {output.root} holds the results of {recorded.get('path')}; "
+            "rename one slide or use another --output",
+            slide,
+        )
+    changed = any(k in recorded and recorded[k] != current[k] for k in ("size", "mtime"))
+    if changed and not overwrite:
+        raise OutputError(
+            f"the file changed since {output.root} was made from it (size or mtime differ); "
+            "use --overwrite to redo it",
+            slide,
+        )
 
 
 @dataclass(frozen=True)
@@ -170,12 +209,33 @@ class ProgressLog:
 
 
 def write_summary(outdir: Path, rows: list[dict[str, Any]]) -> Path:
-    """``OUTDIR/summary.csv``: slide, status (done/skipped/failed), error, seconds, tiles, area."""
+    """``OUTDIR/summary.csv``: slide, status (done/skipped/failed), error, seconds, tiles, area.
+
+    Merged by slide: rows of earlier commands stay (a cohort run in parts keeps its whole
+    record) and the slides of this command replace their old rows, in place.
+    """
     path = Path(outdir) / "summary.csv"
+    merged = {_summary_key(row): row for row in read_summary(path)}
+    merged.update((_summary_key(row), row) for row in rows)
     temp = path.with_name(f".summary.{uuid.uuid4().hex}.tmp")
     with open(temp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(fh, fieldnames=SUMMARY_FIELDS, extrasaction="ignore", restval="")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(merged.values())
     os.replace(temp, path)
     return path
+
+
+def read_summary(path: Path) -> list[dict[str, str]]:
+    """The rows of a ``summary.csv`` (empty when there is none yet)."""
+    if not Path(path).is_file():
+        return []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            return list(csv.DictReader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise OutputError(f"cannot read the earlier summary ({error})", path) from error
+
+
+def _summary_key(row: dict[str, Any]) -> str:
+    return str(Path(str(row["slide"])).resolve())

@@ -1,19 +1,19 @@
 """The Dask graph for a cohort of slides: prepare → chunk batches → finalise, per slide.
 
 Slide-level and chunk-level parallelism together: every slide's ``prepare`` task is submitted
-at once; as each plan arrives its chunks are split into tasks of ``chunks_per_task`` chunks
+at once; as each plan arrives its blocks are grouped into tasks of about ``chunks_per_task`` chunks
 (so one large slide keeps many workers busy) and a ``finalise`` task that depends on all of
 them. Plans travel worker-to-worker as Dask futures; the client never touches pixels.
 
-A slide whose task fails is recorded ``failed`` with its one-line error while the others
-finish; Ctrl-C leaves each store resumable (``.progress`` records finished chunks).
+Slides, the model and the output folder are checked in the client first (``preflight.py``):
+a slide that fails there, or whose task fails, is recorded ``failed`` with its one-line error
+while the others finish; Ctrl-C leaves each store resumable (``.progress`` records finished chunks).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +26,10 @@ from tqdm.auto import tqdm
 from wsi_espnet.blocks import Block
 from wsi_espnet.cluster import dashboard_link, open_client
 from wsi_espnet.config import SegmentSettings
-from wsi_espnet.errors import OutputError
 from wsi_espnet.finalise import run_finalise
 from wsi_espnet.infer import Inferred, infer_task
-from wsi_espnet.outputs import SlideOutput, slide_stem, write_summary
+from wsi_espnet.outputs import SlideOutput, write_summary
+from wsi_espnet.preflight import check_output_dir, check_run
 from wsi_espnet.prepare import prepare_slide
 from wsi_espnet.runstate import Done, Failed, Outcome, Skipped, SlideJob, SlidePlan
 
@@ -59,16 +59,6 @@ class SlideResult:
             "tissue_area_mm2": area,
             "output": "" if self.output is None else str(self.output),
         }
-
-
-def check_output_dir(outdir: Path) -> None:
-    """Fail early, with the folder's name, when results could not be written there."""
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create output folder: {exc.strerror}", outdir) from exc
-    if not os.access(outdir, os.W_OK | os.X_OK):
-        raise OutputError("output folder is not writable", outdir)
 
 
 def _gpu_resources(client: Client) -> dict[str, int] | None:
@@ -169,34 +159,37 @@ def task_groups(blocks: list[Block], chunks_per_task: int) -> list[list[Block]]:
 
 
 def segment_slides(
-    jobs: list[SlideJob], outdir: Path, settings: SegmentSettings, client: Client
+    jobs: list[SlideJob],
+    outdir: Path,
+    settings: SegmentSettings,
+    client: Client,
+    refused: dict[SlideJob, Failed] | None = None,
 ) -> list[SlideResult]:
-    """Segment ``jobs`` on ``client``'s cluster; write per-slide outputs and ``summary.csv``."""
+    """Segment ``jobs`` on ``client``'s cluster; write per-slide outputs and merge ``summary.csv``.
+
+    ``refused`` are the slides the preflight check failed (:func:`preflight.check_run`, run here
+    when the caller has not): they are recorded ``failed`` without a task.
+    """
     outdir = Path(outdir)
+    refused = check_run(jobs, outdir, settings) if refused is None else refused
     check_output_dir(outdir)
     trackers = {job: _SlideTracker(job) for job in jobs}
-    _fail_duplicate_stems(trackers)
+    for job, failure in (refused or {}).items():
+        trackers[job].finish(failure)
     bar = tqdm(total=0, unit="tile", desc="segment", disable=settings.quiet, dynamic_ncols=True)
     try:
         _CohortRun(client, outdir, settings, bar).run(trackers)
     finally:
         bar.close()
         results = [t.result or SlideResult(t.job.path, "failed", "interrupted") for t in trackers.values()]
-        for result in results:
-            result.output = SlideOutput.for_slide(outdir, result.slide).root
-        write_summary(outdir, [r.as_row() for r in results])
+        _write_summary(outdir, results)
     return results
 
 
-def _fail_duplicate_stems(trackers: dict[SlideJob, _SlideTracker]) -> None:
-    """Two slides named alike would write into one folder: the later ones fail up front."""
-    seen: dict[str, Path] = {}
-    for job, tracker in trackers.items():
-        stem = slide_stem(job.path)
-        if stem in seen:
-            tracker.finish(Failed(job, f"{job.path}: same output name '{stem}' as {seen[stem]}; rename one"))
-        else:
-            seen[stem] = job.path
+def _write_summary(outdir: Path, results: list[SlideResult]) -> None:
+    for result in results:
+        result.output = SlideOutput.for_slide(outdir, result.slide).root
+    write_summary(outdir, [r.as_row() for r in results])
 
 
 @contextlib.contextmanager
@@ -209,10 +202,26 @@ def maybe_performance_report(path: Path | None) -> Iterator[None]:
             yield
 
 
-def run_segment(jobs: list[SlideJob], outdir: Path, settings: SegmentSettings) -> list[SlideResult]:
-    """Start (or connect to) the cluster the settings name and segment ``jobs`` on it."""
-    check_output_dir(Path(outdir))
+def run_segment(
+    jobs: list[SlideJob],
+    outdir: Path,
+    settings: SegmentSettings,
+    refused: dict[SlideJob, Failed] | None = None,
+) -> list[SlideResult]:
+    """Check the inputs, start (or connect to) the cluster the settings name, segment ``jobs``.
+
+    ``refused`` is the result of :func:`preflight.check_run` when the caller ran it already.
+    When no slide passes the check, no cluster is started: the slides are recorded ``failed``.
+    """
+    outdir = Path(outdir)
+    refused = check_run(jobs, outdir, settings) if refused is None else refused
+    if len(refused) == len(jobs):
+        check_output_dir(outdir)
+        results = [SlideResult(job.path, "failed", refused[job].error) for job in jobs]
+        _write_summary(outdir, results)
+        return results
+    check_output_dir(outdir)
     with open_client(settings) as client:
         logger.info("Dask dashboard: %s", dashboard_link(client))
         with maybe_performance_report(settings.performance_report):
-            return segment_slides(jobs, Path(outdir), settings, client)
+            return segment_slides(jobs, outdir, settings, client, refused)

@@ -19,7 +19,7 @@ from wsi_espnet import __version__
 from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
-from wsi_espnet.outputs import SlideOutput
+from wsi_espnet.outputs import SlideOutput, slide_file_record
 from wsi_espnet.tissue import TissueMask
 
 LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "openslide-python", "tiffslide")
@@ -115,6 +115,7 @@ class RunRecord:
             {
                 "status": "running",
                 "slide": str(job.path.resolve()),
+                "slide_file": slide_file_record(job.path),  # what a later run checks before skipping
                 "output": str(output.root.resolve()),
                 "versions": versions(),
                 **provenance,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 
+from wsi_espnet.cli_options import device_option, output_option
 from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, load_card
@@ -40,7 +41,7 @@ def _command_line(ctx: click.Context) -> str:
 
 
 @click.command("train")
-@click.option("-o", "--output", "run_dir", type=_PATH, required=True, help="Run directory.")
+@output_option("run_dir", "Run directory.", "--outdir", required=True)
 @click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Image folder.")
 @click.option("--masks", type=click.Path(exists=True, file_okay=False, path_type=Path), help="Mask folder.")
 @click.option("--data-mpp", multiple=True, help=_DATA_MPP_HELP)
@@ -50,7 +51,7 @@ def _command_line(ctx: click.Context) -> str:
 @click.option("--annotations", multiple=True, type=_EXISTING, help="QuPath GeoJSON per slide, in order.")
 @click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides that do not record it.")
 @click.option("--card", default=DEFAULT_MODEL, show_default=True, help="Model card: classes, colours, mpp.")
-@click.option("--name", help="Name of the trained model (default: the card's name).")
+@click.option("--name", show_default="the card's name", help="Name of the trained model.")
 @click.option(
     "--init",
     default="official-encoder",
@@ -60,18 +61,25 @@ def _command_line(ctx: click.Context) -> str:
 @click.option(
     "--reference-dir",
     type=_PATH,
-    help="Official ESPNet weights [$WSI_ESPNET_REFERENCE or ../shared/reference/espnet].",
+    show_default="$WSI_ESPNET_REFERENCE or ../shared/reference/espnet",
+    help="Official ESPNet weights.",
 )
 @click.option("--stage", type=click.Choice(["encoder", "decoder", "both"]), default="both", show_default=True)
 @click.option("--epochs", type=int, default=10, show_default=True, help="Epochs per stage.")
-@click.option("--encoder-epochs", type=int, help="Epochs of the encoder stage (default: --epochs).")
+@click.option("--encoder-epochs", type=int, show_default="--epochs", help="Epochs of the encoder stage.")
 @click.option("--steps-per-epoch", type=int, default=50, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--crop", type=int, default=128, show_default=True, help="Crop size, a multiple of 8.")
 @click.option("--lr", type=float, default=5e-4, show_default=True)
 @click.option("--weight-decay", type=float, default=5e-4, show_default=True)
 @click.option("--optimizer", type=click.Choice(["adam", "adamw"]), default="adam", show_default=True)
-@click.option("--lr-step", type=int, default=0, help="Epochs between LR halvings [a third of the stage].")
+@click.option(
+    "--lr-step",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Epochs between LR halvings; 0: a third of the stage.",
+)
 @click.option("--lr-gamma", type=float, default=0.5, show_default=True)
 @click.option("--val", multiple=True, help="Validation sample names (image stems or slide stems).")
 @click.option("--val-fraction", type=float, default=0.0, show_default=True)
@@ -84,7 +92,7 @@ def _command_line(ctx: click.Context) -> str:
     help="Input mean/std from the training images or from the card.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@device_option()
 @click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoints/last.pt.")
 @click.pass_context
 def train(ctx: click.Context, **options: object) -> None:
@@ -133,8 +141,8 @@ def _evaluation_samples(
 )
 @click.option("--data-mpp", multiple=True, help=_DATA_MPP_HELP)
 @click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides that do not record it.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--out", type=_PATH, help="Write the metrics (with the confusion matrix) as JSON here.")
+@device_option()
+@output_option("out", "Write the metrics (with the confusion matrix) as JSON here.", "--out")
 def evaluate(
     model_name: str,
     data: tuple[Path, ...],
@@ -146,9 +154,9 @@ def evaluate(
 ) -> None:
     """Per-class IoU, mIoU, pixel accuracy and confusion matrix of a model on labelled DATA
     (image/mask folders, or slides with QuPath annotations: only annotated pixels count)."""
+    dev = resolve_device(device)  # before reading any data: a wrong device fails at once
     card = load_card(model_name)
     samples = _evaluation_samples(data, annotations, card, data_mpp, slide_mpp)
-    dev = resolve_device(device)
     metrics = evaluate_model(card.build_model().to(dev), card, samples, dev)
     click.echo(format_table(metrics))
     if out is not None:
