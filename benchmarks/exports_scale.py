@@ -27,16 +27,16 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from wsi_espnet.models.cards import load_card
+
 BASE_SIDE = 2048  # px of the generated map that is tiled; a multiple of the chunk
 CHUNK = 512
 MPP = 1.0
 SLIDE_MPP = 0.5
+# The shipped card's class table (the map below uses values 0-4 of it).
 CLASSES = [
-    {"value": 0, "name": "background", "color": [255, 255, 255]},
-    {"value": 1, "name": "benign_epithelium", "color": [0, 160, 0]},
-    {"value": 2, "name": "malignant_epithelium", "color": [220, 0, 0]},
-    {"value": 3, "name": "normal_stroma", "color": [240, 150, 200]},
-    {"value": 4, "name": "desmoplastic_stroma", "color": [140, 60, 200]},
+    {"value": c.value, "name": c.name, "color": list(c.color)}
+    for c in load_card("breast-tissue-espnet").classes
 ]
 EXPORTERS = ("geojson", "ometiff", "png", "html")
 

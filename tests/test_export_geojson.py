@@ -19,7 +19,7 @@ from scipy import ndimage
 
 from wsi_espnet.errors import OutputError
 from wsi_espnet.export import geojson_file
-from wsi_espnet.export.geojson import read_summary, write_geojson
+from wsi_espnet.export.geojson import Frame, read_summary, write_geojson
 
 ROUND_TRIP_AGREEMENT = 0.97  # fraction of tissue pixels (labelled in either map) that agree
 
@@ -159,7 +159,9 @@ def test_bounds_offset_is_subtracted_only_when_asked(tmp_path: Path) -> None:
     labels[8:24, 16:40] = 2
     store = write_store(tmp_path, labels, tile=32, n_levels=1, bounds_offset=(100, 50))
     cropped = _load(write_geojson(store, tmp_path / "a.geojson", simplify_px=0))
-    full = _load(write_geojson(store, tmp_path / "b.geojson", simplify_px=0, subtract_bounds=False))
+    full = _load(
+        write_geojson(store, tmp_path / "b.geojson", simplify_px=0, frame=Frame(subtract_bounds=False))
+    )
     assert shapely.geometry.shape(full["features"][0]["geometry"]).bounds == (64.0, 32.0, 160.0, 96.0)
     assert shapely.geometry.shape(cropped["features"][0]["geometry"]).bounds == (-36.0, -18.0, 60.0, 46.0)
 
@@ -200,12 +202,12 @@ def test_coarser_level_gives_the_same_picture(tmp_path: Path) -> None:
     labels = blob_labels((400, 400), seed=5)
     store = write_store(tmp_path, labels, tile=128, n_levels=3)
     fine = _load(write_geojson(store, tmp_path / "fine.geojson"))
-    coarse = _load(write_geojson(store, tmp_path / "coarse.geojson", level=1))
+    coarse = _load(write_geojson(store, tmp_path / "coarse.geojson", frame=Frame(level=1)))
     assert check_feature_collection(coarse) == []
     area = lambda fc: [f["properties"]["measurements"]["Area µm^2"] for f in fc["features"]]  # noqa: E731
     assert area(coarse) == pytest.approx(area(fine), rel=0.05)
     with pytest.raises(OutputError, match="no pyramid level 3"):
-        write_geojson(store, tmp_path / "x.geojson", level=3)
+        write_geojson(store, tmp_path / "x.geojson", frame=Frame(level=3))
 
 
 def test_store_without_tissue_gives_empty_collection(tmp_path: Path) -> None:

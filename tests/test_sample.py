@@ -102,7 +102,7 @@ def test_memory_stays_flat(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"width": 0}, {"tissue_fraction": 1.5}, {"mpp": 0}, {"tile": 100}],
+    [{"width": 0}, {"height": -1}, {"tissue_fraction": 1.5}, {"mpp": 0}],
 )
 def test_bad_arguments_raise_config_errors(tmp_path, kwargs):
     args = {"width": 256, "height": 256} | kwargs

@@ -40,6 +40,7 @@ _GRID_CELLS = 256  # coarse-grid cells along the slide's long side
 _PERIOD = 512  # texture period in level-0 pixels (power of two so levels block-average exactly)
 _MIN_LEVEL_SIDE = 1000  # add pyramid levels until the long side drops below this
 _JPEG_QUALITY = 90
+TILE = 256  # TIFF tile edge (level-0 px): what scanners write, and a multiple of 16 as JPEG needs
 
 _GLASS = np.array([243.0, 242.0, 245.0], dtype=np.float32)
 _STROMA = np.array([236.0, 158.0, 196.0], dtype=np.float32)  # eosin pink
@@ -57,7 +58,6 @@ def write_sample_slide(
     mpp: float = 0.5,
     tissue_fraction: float = 0.3,
     seed: int = 0,
-    tile: int = 256,
 ) -> Path:
     """Write a synthetic H&E-like pyramidal TIFF of ``width`` x ``height`` level-0 px at ``mpp``.
 
@@ -70,8 +70,6 @@ def write_sample_slide(
         raise ConfigError(f"tissue_fraction must be between 0 and 1, got {tissue_fraction}")
     if mpp <= 0:
         raise ConfigError(f"mpp must be positive, got {mpp}")
-    if tile < 16 or tile % 16:
-        raise ConfigError(f"tile must be a positive multiple of 16, got {tile}")
     path = Path(path)
     rng = np.random.default_rng(seed)
     fields = _Fields.create(width, height, tissue_fraction, rng)
@@ -83,10 +81,10 @@ def write_sample_slide(
         for level, down in enumerate(_level_downsamples(width, height)):
             level_w, level_h = math.ceil(width / down), math.ceil(height / down)
             tif.write(
-                _tiles(fields, textures, level_w, level_h, down, tile),
+                _tiles(fields, textures, level_w, level_h, down, TILE),
                 shape=(level_h, level_w, 3),
                 dtype=np.uint8,
-                tile=(tile, tile),
+                tile=(TILE, TILE),
                 photometric="rgb",
                 compression="jpeg",
                 compressionargs={"level": _JPEG_QUALITY},

@@ -4,9 +4,9 @@ Coordinates are level-0 slide pixels *as QuPath shows them*. QuPath's OpenSlide 
 crops a slide to ``openslide.bounds-x/y/width/height`` when the slide declares them (MIRAX and
 some other formats; default since QuPath 0.2, ``--no-crop`` turns it off), so its pixel (0, 0) is
 OpenSlide's level-0 pixel (bounds-x, bounds-y). The label map covers OpenSlide's full level-0
-frame, so the bounds offset stored with the slide is subtracted (``subtract_bounds=True``).
+frame, so the bounds offset stored with the slide is subtracted (``Frame(subtract_bounds=True)``).
 Slides without bounds properties (SVS, generic TIFF, NDPI, OME-TIFF...) have offset (0, 0) and
-are unaffected. Pass ``subtract_bounds=False`` for a viewer that shows the uncropped frame, such
+are unaffected. Pass ``frame=Frame(subtract_bounds=False)`` for a viewer that shows the uncropped frame, such
 as QuPath's Bio-Formats server.
 
 How the geometry is made, in time linear in the label map and memory bounded by one band
@@ -34,6 +34,7 @@ import json
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,25 +56,35 @@ COORDINATE_GRID = 0.01  # level-0 pixels
 SUMMARY_KEY = "wsi_espnet"
 
 
+@dataclass(frozen=True)
+class Frame:
+    """Which pixels the GeoJSON describes, for the rare caller that needs another than QuPath's.
+
+    ``level`` forces a pyramid level (default: level 0 unless larger than ``MAX_VECTOR_SIDE``);
+    ``subtract_bounds=False`` keeps OpenSlide's uncropped frame (QuPath's Bio-Formats server).
+    """
+
+    level: int | None = None
+    subtract_bounds: bool = True
+
+
 def write_geojson(
     output_dir_or_store: str | Path,
     path: str | Path,
     per_region: bool = False,
     min_area_um2: float = DEFAULT_MIN_AREA_UM2,
     simplify_px: float = DEFAULT_SIMPLIFY_PX,
-    *,
-    level: int | None = None,
-    subtract_bounds: bool = True,
+    frame: Frame = Frame(),
 ) -> Path:
     """Write a FeatureCollection of locked annotations: per class (in parts), or per connected region.
 
-    ``simplify_px`` is the simplification tolerance in analysis pixels (0 keeps pixel edges);
-    ``level`` forces a pyramid level (default: level 0 unless larger than ``MAX_VECTOR_SIDE``).
+    ``simplify_px`` is the simplification tolerance in analysis pixels (0 keeps pixel edges).
     A store without tissue gives a valid FeatureCollection without features.
     """
     outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
         raise ConfigError(f"min_area_um2 and simplify_px must be >= 0 (got {min_area_um2}, {simplify_px})")
+    level = frame.level
     if level is None:
         level = outputs.finest_level_within(MAX_VECTOR_SIDE)
     elif not 0 <= level < outputs.n_levels:
@@ -84,7 +95,7 @@ def write_geojson(
     known = {c.value: c for c in outputs.tissue_classes}
     level_px_um2 = outputs.level_mpp(level) ** 2
     factor = 2**level * outputs.scale
-    dx, dy = outputs.bounds_offset if subtract_bounds else (0, 0)
+    dx, dy = outputs.bounds_offset if frame.subtract_bounds else (0, 0)
     transform = [factor, 0, 0, factor, -dx, -dy]
     settings = {
         "min_area_um2": min_area_um2,
