@@ -129,6 +129,17 @@ def test_breast_roi_is_segmented_into_its_classes(shared_data, tmp_path):
     assert (labels == mask).mean() > 0.4
 
 
+def test_report_states_the_final_status_and_the_demo_models_caveat(real_runs):
+    """The report is written after completion, and says the shipped model is a demo with its
+    leave-one-out figures (from the card, through run.json)."""
+    (store, _), _ = real_runs["svs"]
+    run = json.loads((store.path.parent / "run.json").read_text())
+    assert run["status"] == "complete" and run["model"]["evaluation"]["loo_miou"] == 0.155
+    html = next(store.path.parent.glob("*.report.html")).read_text()
+    assert "complete" in html and "exporting" not in html
+    assert "demonstration model" in html and "0.155" in html
+
+
 def test_real_slide_exports_open_in_qupath_and_read_back(real_runs):
     """All four exports of the real SVS: QuPath rules, round trip, OME-TIFF, PNG, HTML."""
     from html.parser import HTMLParser

@@ -2,7 +2,8 @@
 
 A larger block wastes less of the network's work on halos (a k x k block of 512-px chunks with a
 256-px halo costs ((k + 1) / k)^2 input pixels per output pixel), and the network's cost per
-input pixel is flat in the window size, so the block is as large as memory allows, up to a cap.
+input pixel varies little with the window size, so the block is as large as memory allows, up to
+a cap (lower on a CPU, where large windows run a little slower per pixel; measured below).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ CUDA_BUDGET_SHARE = 0.8
 # only from 1.27x to 1.13x at 8192 px, tissue fragments seldom fill such rectangles, and one
 # failed block would redo a 21-MPx window; the planner's work also grows as k^2.
 MAX_CORE_PX = 4096
+# On a CPU the cost per input pixel rises with the window (2 threads, torch 2.13, one run each:
+# 1.59, 1.24, 1.19, 1.09 and 1.00 MPx/s at windows 1024, 2048, 2560, 3584 and 4608), so output per
+# second on solid tissue peaks at a 2560-3072 px core (0.82 and 0.80 output MPx/s, against 0.79 at
+# 4096) while memory keeps growing (2.9 GiB at 3584², 4.3 GiB at 4608²). A 3072-px core keeps the
+# planner within 1.23x of the halo-union floor on biopsy-like tissue.
+MAX_CORE_PX_CPU = 3072
 
 
 def choose_block_chunks(
@@ -41,7 +48,7 @@ def choose_block_chunks(
 
     ``budget_bytes`` defaults to a share of the machine's total RAM (CPU) or of the GPU's free
     memory (CUDA). Never less than 1 (a lone chunk's window is what ran before blocks existed),
-    never more than ``MAX_CORE_PX // tile``.
+    never more than ``MAX_CORE_PX // tile`` (``MAX_CORE_PX_CPU`` on a CPU).
     """
     device = torch.device(device)
     if budget_bytes is None:
@@ -52,7 +59,8 @@ def choose_block_chunks(
             budget_bytes = int(psutil.virtual_memory().total * CPU_BUDGET_SHARE)
     per_window_px = budget_bytes / (max(batch_size, 1) * BYTES_PER_INPUT_PX)
     fits = math.floor((math.sqrt(max(per_window_px, 0.0)) - 2 * halo) / tile)
-    return max(1, min(fits, MAX_CORE_PX // tile))
+    cap = MAX_CORE_PX if device.type == "cuda" else MAX_CORE_PX_CPU
+    return max(1, min(fits, cap // tile))
 
 
 def blocks_per_pass(device: torch.device | str, batch_size: int) -> int:

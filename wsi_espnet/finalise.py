@@ -9,6 +9,7 @@ status that run.json holds.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import dask
 
@@ -22,6 +23,7 @@ from wsi_espnet.stats import compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 
 REPORT = "html"
+EXPORT_THREADS = 2
 
 
 def _stage_seconds(inferred: list[Inferred]) -> dict[str, float]:
@@ -62,7 +64,11 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
         }
     )
     record.write(plan.output)
-    exports = {f: _timed_export(plan, settings, f) for f in settings.formats if f != REPORT}
+    # Two exports at a time: GEOS, rasterio and the TIFF codecs release the GIL, and with the
+    # slide's inference done a worker's second core would otherwise sit idle.
+    first = [f for f in settings.formats if f != REPORT]
+    with ThreadPoolExecutor(max_workers=EXPORT_THREADS, thread_name_prefix="export") as pool:
+        exports = dict(zip(first, pool.map(lambda f: _timed_export(plan, settings, f), first), strict=True))
     store.set_status("complete")
     record = record.with_fields(warnings=list(warnings), status="complete")
     record = record.with_fields(timings={**record.fields["timings"], "exports_s": exports})

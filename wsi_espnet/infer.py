@@ -101,23 +101,20 @@ class _BlockWriter:
         self.write_s = 0.0
 
     def write(self, output: BlockOutput) -> None:
-        plan, grid = self.plan, self.plan.grid
-        wy, wx, _, _ = output.block.window(grid)
-        for chunk, scores, labels in output.chunks(grid):
-            if plan.mask_labels:
-                # Tissue versus glass at analysis resolution, from the pixels already read; the
-                # chunk's place in the window gives the refinement its context on every side.
-                t0 = time.perf_counter()
-                ys, xs = output.block.core_slices(grid, chunk)
-                core = (
-                    slice(ys.start + grid.halo, ys.stop + grid.halo),
-                    slice(xs.start + grid.halo, xs.stop + grid.halo),
-                )
-                tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
-                labels = np.where(tissue, labels, 0)
-                self.tissue_s += time.perf_counter() - t0
+        plan, grid, block = self.plan, self.plan.grid, output.block
+        tissue = None
+        if plan.mask_labels:
+            # Tissue versus glass at analysis resolution, from the pixels already read, once for
+            # the whole block core: the halo around it gives the refinement context on every side.
             t0 = time.perf_counter()
+            wy, wx, _, _ = block.window(grid)
+            core = tuple(slice(grid.halo, grid.halo + n * grid.tile) for n in (block.rows, block.cols))
+            tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
+            self.tissue_s += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for chunk, scores, labels in output.chunks(grid):
+            if tissue is not None:
+                labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
             self.store.write_chunk(chunk.index, scores, labels)
-            self.write_s += time.perf_counter() - t0
-        block = output.block
+        self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

@@ -133,6 +133,11 @@ def _model_record(card: ModelCard) -> dict[str, Any]:
         "card_sha256": sha256_file(card.path),
         "weights_sha256": card.weights_sha256,
         "trained": card.trained,
+        "description": card.description,
+        # The card's own leave-one-out figures, so the report states how far to trust the model.
+        "evaluation": {
+            key: value for key, value in (card.extra.get("training") or {}).items() if key.startswith("loo_")
+        },
         "classes": card.class_table(),
     }
 
