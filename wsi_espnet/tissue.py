@@ -120,7 +120,13 @@ class TissueMask:
         if not near.any():
             return near
         sigma = self.settings.refine_smoothing_um / mpp
-        smooth = ndimage.gaussian_filter(rgb, (sigma, sigma, 0), output=np.float32) if sigma > 0 else rgb
+        # A kernel of 2 sigma a side (95 % of the weight) is all the JPEG-noise smoothing needs,
+        # at half the cost of scipy's default 4 sigma (the filter is most of the refinement's time).
+        smooth = (
+            ndimage.gaussian_filter(rgb, (sigma, sigma, 0), output=np.float32, truncate=2.0)
+            if sigma > 0
+            else rgb
+        )
         tissue = tissue_pixels(smooth, self.saturation_threshold, self.settings.max_dark_value) & near
         px_area = mpp * mpp
         tissue = _clean(
