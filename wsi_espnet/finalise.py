@@ -12,10 +12,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import dask
+import numpy as np
 
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
-from wsi_espnet.export import export_all
+from wsi_espnet.export import export_all, read_slide_thumbnail
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
@@ -67,9 +68,12 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
     # Two exports at a time: GEOS, rasterio and the TIFF codecs release the GIL, and with the
     # slide's inference done a worker's second core would otherwise sit idle.
     first = [f for f in settings.formats if f != REPORT]
+    # The overlay and the report show the same slide thumbnail: read it once, not per export.
+    needs_thumbnail = {"png", REPORT} & set(settings.formats)
+    export = _Exporter(plan, settings, read_slide_thumbnail(store) if needs_thumbnail else None)
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=EXPORT_THREADS, thread_name_prefix="export") as pool:
-        exports = dict(zip(first, pool.map(lambda f: _timed_export(plan, settings, f), first), strict=True))
+        exports = dict(zip(first, pool.map(export, first), strict=True))
     store.set_status("complete")
     record = record.with_fields(warnings=list(warnings), status="complete")
     exports_wall = time.perf_counter() - t0
@@ -77,16 +81,22 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
     record = record.with_fields(timings=timings)
     record.write(plan.output)
     if REPORT in settings.formats:  # last: it shows run.json as it now stands
-        exports[REPORT] = _timed_export(plan, settings, REPORT)
+        exports[REPORT] = export(REPORT)
         timings = {**timings, "exports_s": exports, "exports_wall_s": exports_wall + exports[REPORT]}
         record.with_fields(timings=timings).write(plan.output)
     return Done(plan.job, area, processed, warnings)
 
 
-def _timed_export(plan: SlidePlan, settings: OutputSettings, fmt: str) -> float:
-    t0 = time.perf_counter()
-    export_all(plan.output.root, formats=(fmt,), settings=settings)
-    return time.perf_counter() - t0
+class _Exporter:
+    """One export of the slide, timed: what finalise runs per format (two at a time)."""
+
+    def __init__(self, plan: SlidePlan, settings: OutputSettings, thumbnail: np.ndarray | None) -> None:
+        self.plan, self.settings, self.thumbnail = plan, settings, thumbnail
+
+    def __call__(self, fmt: str) -> float:
+        t0 = time.perf_counter()
+        export_all(self.plan.output.root, (fmt,), self.settings, self.thumbnail)
+        return time.perf_counter() - t0
 
 
 def run_finalise(plan: SlidePlan, settings: OutputSettings, *inferred: Inferred | Failed) -> Done | Failed:

@@ -15,7 +15,7 @@ from wsi_espnet.errors import OutputError, WsiEspnetError
 from wsi_espnet.models.cards import load_card
 from wsi_espnet.outputs import SlideOutput, check_same_slide, slide_stem
 from wsi_espnet.runstate import Failed, SlideJob
-from wsi_espnet.slide import Slide
+from wsi_espnet.slide import Slide, check_resolution
 
 
 def check_output_dir(outdir: Path, create: bool = True) -> None:
@@ -42,7 +42,9 @@ def check_run(jobs: list[SlideJob], outdir: Path, settings: SegmentSettings) -> 
 
     Raises (a :class:`WsiEspnetError`) for problems that concern the whole run.
     """
-    load_card(settings.model).build_model()  # parses the card, verifies and loads its weights
+    card = load_card(settings.model)
+    card.build_model()  # parses the card, verifies and loads its weights
+    mpp = settings.mpp or card.mpp
     check_output_dir(outdir, create=False)
     failures: dict[SlideJob, Failed] = {}
     seen: dict[str, Path] = {}
@@ -54,14 +56,15 @@ def check_run(jobs: list[SlideJob], outdir: Path, settings: SegmentSettings) -> 
             continue
         seen[stem] = job.path
         try:
-            check_slide(job, settings.slide_mpp)
+            check_slide(job, settings.slide_mpp, mpp)
             check_same_slide(SlideOutput.for_slide(outdir, job.path), job.path, settings.overwrite)
         except WsiEspnetError as exc:
             failures[job] = Failed(job, str(exc))
     return failures
 
 
-def check_slide(job: SlideJob, slide_mpp: float | None) -> None:
-    """The slide exists, opens and has a resolution (its own, the job's or ``--slide-mpp``)."""
-    with Slide.open(job.path, slide_mpp=job.slide_mpp or slide_mpp):
-        pass
+def check_slide(job: SlideJob, slide_mpp: float | None, mpp: float) -> None:
+    """The slide exists, opens, has a resolution (its own, the job's or ``--slide-mpp``) and can
+    be analysed at ``mpp``."""
+    with Slide.open(job.path, slide_mpp=job.slide_mpp or slide_mpp) as slide:
+        check_resolution(slide, mpp)

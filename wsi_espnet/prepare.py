@@ -21,34 +21,16 @@ from wsi_espnet.block_size import blocks_per_pass, choose_block_chunks
 from wsi_espnet.blocks import Block, amplification, halo_union_floor, plan_blocks
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.devices import resolve_device
-from wsi_espnet.errors import SlideError, WsiEspnetError
+from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import ProgressLog, SlideOutput
 from wsi_espnet.runstate import Failed, RunRecord, Skipped, SlideJob, SlidePlan
-from wsi_espnet.slide import Slide
+from wsi_espnet.slide import Slide, check_resolution
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask, detect_tissue
 
 logger = logging.getLogger(__name__)
-
-# Upsampling a slide more than this to reach the analysis resolution invents detail.
-MAX_UPSAMPLING = 2.0
-
-
-def _check_resolution(slide: Slide, mpp: float, shape: tuple[int, int]) -> None:
-    if mpp * MAX_UPSAMPLING < slide.mpp:
-        raise SlideError(
-            f"analysis resolution {mpp} µm/px is more than {MAX_UPSAMPLING:g}x finer than the slide's "
-            f"{slide.mpp:.3f} µm/px; choose a coarser --mpp",
-            slide.path,
-        )
-    if min(shape) < 8:
-        raise SlideError(
-            f"--mpp {mpp} is too coarse for this slide: the analysis image would be only "
-            f"{shape[1]}x{shape[0]} px",
-            slide.path,
-        )
 
 
 @dataclass(frozen=True)
@@ -66,7 +48,7 @@ def _open_slide(path: Path, slide_mpp: float | None, settings: SegmentSettings, 
     with Slide.open(path, slide_mpp=slide_mpp) as slide:
         mpp = settings.mpp or card.mpp
         grid = TileGrid(slide.analysis_shape(mpp), settings.tile, settings.halo)
-        _check_resolution(slide, mpp, grid.shape)
+        check_resolution(slide, mpp)
         t0 = time.perf_counter()
         if settings.tissue_detection:
             tissue = detect_tissue(slide, settings.tissue)

@@ -361,3 +361,24 @@ def find_slides(paths: list[str | Path] | tuple[str | Path, ...]) -> list[Path]:
             raise SlideError(f"folder contains no slides ({', '.join(SLIDE_EXTENSIONS)}, DICOM)", path)
         found.extend(inside)
     return list(dict.fromkeys(found))
+
+
+# Upsampling a slide more than this to reach the analysis resolution invents detail.
+MAX_UPSAMPLING = 2.0
+
+
+def check_resolution(slide: Slide, mpp: float) -> None:
+    """Refuse an analysis resolution the slide cannot serve: far finer than it, or so coarse
+    that the analysis image would be a few pixels (checked in the client and again on workers)."""
+    if mpp * MAX_UPSAMPLING < slide.mpp:
+        raise SlideError(
+            f"analysis resolution {mpp} µm/px is more than {MAX_UPSAMPLING:g}x finer than the slide's "
+            f"{slide.mpp:.3f} µm/px; choose a coarser --mpp",
+            slide.path,
+        )
+    height, width = slide.analysis_shape(mpp)
+    if min(height, width) < 8:
+        raise SlideError(
+            f"--mpp {mpp} is too coarse for this slide: the analysis image would be only {width}x{height} px",
+            slide.path,
+        )
