@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
 import numpy as np
 import tifffile
 import zarr
@@ -128,13 +129,9 @@ def _write_pyramid(
                         "PhysicalSizeY": outputs.mpp,
                         "PhysicalSizeYUnit": "µm",
                     }
-                tiles = _tiles(array)
-                shape = array.shape
-                if palette is not None:
-                    tiles = (palette[tile] for tile in tiles)
-                    shape = (*shape, 3)
+                shape = array.shape if palette is None else (*array.shape, 3)
                 tif.write(
-                    tiles,
+                    _encoded_tiles(array, palette),
                     shape=shape,
                     dtype=base.dtype,
                     tile=(TILE, TILE),
@@ -149,6 +146,29 @@ def _write_pyramid(
     except OSError as error:
         raise OutputError(f"cannot write OME-TIFF ({error.strerror})", path) from error
     return path
+
+
+def _encoded_tiles(array: zarr.Array, palette: np.ndarray | None) -> Iterator[bytes]:
+    """The deflate-compressed TIFF tiles of ``array`` (rendered through ``palette`` when given).
+
+    Compressing here rather than in tifffile lets an empty tile (all background, which is most
+    of a biopsy slide's area) be rendered and compressed once and then reused: on a slide that
+    is 80 % glass that is most of the tiles.
+    """
+    empty: bytes | None = None
+    for tile in _tiles(array):
+        if not tile.any():
+            if empty is None:
+                empty = _encode(tile, palette)
+            yield empty
+        else:
+            yield _encode(tile, palette)
+
+
+def _encode(tile: np.ndarray, palette: np.ndarray | None) -> bytes:
+    """One tile as TIFF deflate bytes (libdeflate, as tifffile uses); ``np.take`` renders the palette 3x faster than fancy indexing."""
+    pixels = tile if palette is None else np.take(palette, tile, axis=0)
+    return imagecodecs.deflate_encode(np.ascontiguousarray(pixels))
 
 
 def _tiles(array: zarr.Array) -> Iterator[np.ndarray]:
