@@ -166,7 +166,10 @@ def _encoded_tiles(array: zarr.Array, palette: np.ndarray | None) -> Iterator[by
 
 
 def _encode(tile: np.ndarray, palette: np.ndarray | None) -> bytes:
-    """One tile as TIFF deflate bytes (libdeflate, as tifffile uses); ``np.take`` renders the palette 3x faster than fancy indexing."""
+    """One tile as TIFF deflate bytes (libdeflate, as tifffile uses).
+
+    ``np.take`` renders the palette 3x faster than fancy indexing (measured on a 512² tile).
+    """
     pixels = tile if palette is None else np.take(palette, tile, axis=0)
     return imagecodecs.deflate_encode(np.ascontiguousarray(pixels))
 
