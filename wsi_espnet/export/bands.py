@@ -9,7 +9,9 @@ class lies on both sides of the seam over a pixel or more. A region whose
 pieces no longer reach the band's lower edge is *closed*: its pieces are dissolved into one
 polygon (a union of a handful of pieces that share only straight seam edges) and it is
 yielded straight away. Memory is therefore one band plus the regions that cross it; time is
-linear in the map's area (no global union of a class).
+linear in the map's area (no global union of a class). The chunks of a band are vectorised
+two at a time in threads (GDAL's polygoniser and GEOS release the GIL); their pieces keep the
+chunks' order, so the output is the same as one thread's.
 
 Simplification happens inside each chunk, before any merging, as a *coverage*: all polygons
 of the chunk, background included, go through ``shapely.coverage_simplify`` together, with the
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +39,7 @@ from affine import Affine
 from shapely.geometry import Polygon
 
 BACKGROUND = 0
+THREADS = 2  # chunks of a band vectorised at once: GDAL's polygoniser and GEOS release the GIL
 
 
 @dataclass
@@ -64,17 +68,21 @@ def iter_regions(labels: zarr.Array, tolerance: float) -> Iterator[Region]:
     height, width = labels.shape
     chunk_h, chunk_w = labels.shards or labels.chunks
     open_regions: list[Region] = []
-    for y0 in range(0, height, chunk_h):
-        y1 = min(y0 + chunk_h, height)
-        band = np.asarray(labels[y0:y1, :])
-        pieces = []
-        for x0 in range(0, width, chunk_w):
-            block = band[:, x0 : x0 + chunk_w]
-            if (block != BACKGROUND).any():
-                pieces.extend(_block_pieces(block, (x0, y0), tolerance))
-        closed, open_regions = _link(open_regions, pieces, (y0, y1 if y1 < height else None), chunk_w)
-        yield from closed
-    yield from open_regions
+    with ThreadPoolExecutor(THREADS, thread_name_prefix="vectorise") as pool:
+        for y0 in range(0, height, chunk_h):
+            y1 = min(y0 + chunk_h, height)
+            band = np.asarray(labels[y0:y1, :])
+            origins = [
+                (x0, y0)
+                for x0 in range(0, width, chunk_w)
+                if (band[:, x0 : x0 + chunk_w] != BACKGROUND).any()
+            ]
+            blocks = (band[:, x0 : x0 + chunk_w] for x0, _ in origins)
+            per_chunk = pool.map(_block_pieces, blocks, origins, [tolerance] * len(origins))
+            pieces = [piece for chunk_pieces in per_chunk for piece in chunk_pieces]
+            closed, open_regions = _link(open_regions, pieces, (y0, y1 if y1 < height else None), chunk_w)
+            yield from closed
+        yield from open_regions
 
 
 def _block_pieces(
