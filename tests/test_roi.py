@@ -108,8 +108,12 @@ def test_roi_class_filter_and_repair_of_a_bowtie(tmp_path, caplog):
     assert roi.repaired and roi.repaired[0].startswith("bow: Self-intersection")
     job = SlideJob(tmp_path / "slide.svs")
     settings = SegmentSettings(roi=path, roi_classes=("Tumor",))
-    with caplog.at_level(logging.WARNING, logger="wsi_espnet"):
+    logger = logging.getLogger("wsi_espnet")  # the CLI stops it propagating to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
         check_roi(job, settings, ((1000, 1000), (0, 0)), SlideOutput.for_slide(tmp_path / "out", job.path))
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "repaired with shapely.make_valid" in caplog.text and "Self-intersection" in caplog.text
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import shapely
 from affine import Affine
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.features import rasterize
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
@@ -321,7 +323,11 @@ def _burn(geometries: list[shapely.Geometry], y0: int, x0: int, h: int, w: int) 
     shapes = [g for g in geometries if not g.is_empty]
     if not shapes or h <= 0 or w <= 0:
         return np.zeros((max(h, 0), max(w, 0)), bool)
-    burnt = rasterize(shapes, out_shape=(h, w), transform=Affine.translation(x0, y0), fill=0, dtype="uint8")
+    with warnings.catch_warnings():  # rasterio warns that the window at (0, 0) is not georeferenced
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        burnt = rasterize(
+            shapes, out_shape=(h, w), transform=Affine.translation(x0, y0), fill=0, dtype="uint8"
+        )
     return burnt.astype(bool)
 
 
