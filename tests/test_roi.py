@@ -93,6 +93,20 @@ def test_feature_list_single_feature_and_what_is_ignored(tmp_path):
     assert part.geometry.area == 200 * 200
 
 
+def test_zipped_export_is_read(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "objects.zip", "w") as archive:
+        archive.writestr("objects.geojson", json.dumps([_feature(SQUARE, "z", {"name": "Tumor"})]))
+    [annotation] = read_roi(tmp_path / "objects.zip").annotations
+    assert annotation.name == "z" and annotation.geometry.area == 200 * 200
+    with zipfile.ZipFile(tmp_path / "two.zip", "w") as archive:
+        archive.writestr("a.geojson", "[]")
+        archive.writestr("b.geojson", "[]")
+    with pytest.raises(RoiError, match="ZIP archive with 2 GeoJSON files"):
+        read_roi(tmp_path / "two.zip")
+
+
 def test_roi_class_filter_and_repair_of_a_bowtie(tmp_path, caplog):
     features = [
         _feature(BOWTIE, "bow", {"name": "Tumor", "color": [1, 2, 3]}),

@@ -27,7 +27,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.predict import get_predictor
-from wsi_espnet.roi import block_core
+from wsi_espnet.roi_regions import block_core
 from wsi_espnet.runstate import Failed, SlidePlan
 from wsi_espnet.slide import Slide
 from wsi_espnet.store import SlideStore

@@ -2,8 +2,9 @@
 
 ``segment --roi FILE.geojson`` takes what QuPath writes with *File › Export objects as GeoJSON*: a
 FeatureCollection, a JSON list of Features (the export without *Export as FeatureCollection*), one
-Feature, or a bare geometry. Coordinates are QuPath's level-0 frame, which for slides with
-``openslide.bounds-x/y`` is OpenSlide's level-0 frame minus that offset (see
+Feature, or a bare geometry, also inside a ZIP (*Compress data (zip)*). Coordinates are QuPath's
+level-0 frame, which for slides with ``openslide.bounds-x/y`` is OpenSlide's level-0 frame minus
+that offset (see
 :mod:`wsi_espnet.export.geojson`); the ROI is moved back by adding the offset, then divided by the
 analysis scale, so it lands on the label map's pixels.
 
@@ -30,22 +31,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import shapely
-from affine import Affine
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.features import rasterize
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon, box, mapping, shape
 
-from wsi_espnet.blocks import Block
 from wsi_espnet.errors import WsiEspnetError
-from wsi_espnet.grid import Chunk, TileGrid
+from wsi_espnet.roi_regions import Annotation, RoiRegions
 
 if TYPE_CHECKING:
     from wsi_espnet.config import SegmentSettings
@@ -61,17 +57,6 @@ META_KEY = "wsi_espnet"
 
 class RoiError(WsiEspnetError):
     """A ``--roi`` file cannot be used: not JSON, no polygon, no annotation of the classes asked for..."""
-
-
-@dataclass(frozen=True)
-class Annotation:
-    """One annotation of the ROI: its name, QuPath class (None when unclassified) and polygons."""
-
-    name: str
-    classification: str | None
-    geometry: MultiPolygon
-    color: tuple[int, int, int] | None = None
-    repaired: str | None = None  # why make_valid had to repair it (e.g. "Self-intersection[...]")
 
 
 @dataclass(frozen=True)
@@ -155,10 +140,10 @@ def read_roi(path: str | Path, classes: tuple[str, ...] = ()) -> Roi:
     """Read a QuPath GeoJSON export; keep its polygon annotations (of ``classes`` when given)."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except FileNotFoundError:
         raise RoiError("no such ROI file", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
         raise RoiError(f"cannot read the ROI file ({exc})", path) from None
     except json.JSONDecodeError as exc:
         raise RoiError(
@@ -182,6 +167,17 @@ def read_roi(path: str | Path, classes: tuple[str, ...] = ()) -> Roi:
             )
         annotations = kept
     return Roi(path, tuple(annotations))
+
+
+def _read_text(path: Path) -> str:
+    """The file's text; a ZIP (QuPath's *Compress data (zip)* export) must hold one GeoJSON file."""
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return path.read_text(encoding="utf-8")
+    with zipfile.ZipFile(path) as archive:
+        members = [n for n in archive.namelist() if n.lower().endswith((".geojson", ".json"))]
+        if len(members) != 1:
+            raise RoiError(f"is a ZIP archive with {len(members)} GeoJSON files in it; it needs one", path)
+        return archive.read(members[0]).decode("utf-8")
 
 
 def _features(data: Any, path: Path) -> list[dict[str, Any]]:
@@ -268,69 +264,6 @@ def _polygonal(geometry: shapely.Geometry) -> MultiPolygon:
     return MultiPolygon(polygons)
 
 
-@dataclass(frozen=True)
-class RoiRegions:
-    """The ROI in analysis pixels: what chunk selection, label masking, statistics and exports use.
-
-    Pixel (row, col) covers [col, col + 1] x [row, row + 1]; it is inside when its centre is (the
-    rule of ``rasterio.features.rasterize``), so masks of adjacent chunks tile without seams.
-    """
-
-    annotations: tuple[Annotation, ...]
-
-    @property
-    def union(self) -> shapely.Geometry:
-        return shapely.union_all([a.geometry for a in self.annotations])
-
-    def select(self, chunks: list[Chunk]) -> list[Chunk]:
-        """The ``chunks`` whose core meets the ROI (only they are inferred)."""
-        if not chunks:
-            return []
-        boxes = shapely.box(*np.array([(c.x0, c.y0, c.x0 + c.w, c.y0 + c.h) for c in chunks]).T)
-        union = self.union
-        shapely.prepare(union)
-        return [c for c, hit in zip(chunks, shapely.intersects(union, boxes), strict=True) if hit]
-
-    def chunks(self, grid: TileGrid) -> list[Chunk]:
-        """Every chunk of ``grid`` that meets the ROI (the ROI's area is counted over them)."""
-        x0, y0, x1, y1 = self.union.bounds
-        rows, cols = grid.grid_shape
-        r0, c0 = max(0, int(y0 // grid.tile)), max(0, int(x0 // grid.tile))
-        r1, c1 = min(rows, int(y1 // grid.tile) + 1), min(cols, int(x1 // grid.tile) + 1)
-        return self.select([grid.chunk((r, c)) for r in range(r0, r1) for c in range(c0, c1)])
-
-    def mask(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-        """Boolean (h, w): the analysis pixels of the window at (y0, x0) that lie inside the ROI."""
-        return _burn([self.union], y0, x0, h, w)
-
-    def masks(self, y0: int, x0: int, h: int, w: int) -> dict[int, np.ndarray]:
-        """Per annotation index, its pixels in the window; annotations that miss it are left out."""
-        window = box(x0, y0, x0 + w, y0 + h)
-        out = {}
-        for index, annotation in enumerate(self.annotations):
-            if annotation.geometry.intersects(window):
-                inside = _burn([annotation.geometry], y0, x0, h, w)
-                if inside.any():
-                    out[index] = inside
-        return out
-
-    def at_level(self, level: int) -> shapely.Geometry:
-        """The ROI's union in pixels of pyramid ``level`` (each level halves the resolution)."""
-        return affinity.scale(self.union, 0.5**level, 0.5**level, origin=(0, 0))
-
-
-def _burn(geometries: list[shapely.Geometry], y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    shapes = [g for g in geometries if not g.is_empty]
-    if not shapes or h <= 0 or w <= 0:
-        return np.zeros((max(h, 0), max(w, 0)), bool)
-    with warnings.catch_warnings():  # rasterio warns that the window at (0, 0) is not georeferenced
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        burnt = rasterize(
-            shapes, out_shape=(h, w), transform=Affine.translation(x0, y0), fill=0, dtype="uint8"
-        )
-    return burnt.astype(bool)
-
-
 def roi_file_for(job: SlideJob, settings: SegmentSettings) -> Path | None:
     """The ROI file of one slide: its manifest row's ``roi`` wins over ``--roi``."""
     return job.roi if job.roi is not None else settings.roi
@@ -389,8 +322,3 @@ def read_output_roi(store: SlideStore) -> RoiRegions | None:
     if not path.is_file():
         return None
     return read_roi(path).in_analysis(store.bounds_offset, store.scale, store.shape)
-
-
-def block_core(block: Block, grid: TileGrid) -> tuple[int, int, int, int]:
-    """(y0, x0, h, w) of an inference block's core (its chunks, without the halo) in analysis px."""
-    return block.row0 * grid.tile, block.col0 * grid.tile, block.rows * grid.tile, block.cols * grid.tile

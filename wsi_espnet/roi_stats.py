@@ -21,7 +21,7 @@ import zarr
 
 from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.grid import Chunk
-from wsi_espnet.roi import RoiRegions
+from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.store import SlideStore
 
 N_VALUES = 256

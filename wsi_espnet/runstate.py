@@ -20,7 +20,7 @@ from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput, slide_file_record
-from wsi_espnet.roi import RoiRegions
+from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.tissue import TissueMask
 
 LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "openslide-python", "tiffslide")

@@ -38,7 +38,7 @@ from skimage import measure
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
-from wsi_espnet.roi import RoiRegions
+from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.roi_stats import roi_table
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask

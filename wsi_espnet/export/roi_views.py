@@ -14,7 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from shapely import get_parts
 
-from wsi_espnet.roi import RoiRegions
+from wsi_espnet.roi_regions import RoiRegions
 
 OUTLINE_COLOR = (255, 230, 0)
 OUTLINE_WIDTH = 2
