@@ -98,6 +98,10 @@ def test_only_chunks_inside_the_roi_are_inferred(cmu_runs):
     folder, _ = cmu_runs
     full, roi = _run_json(folder / "all")["tiles"], _run_json(folder / "roi")["tiles"]
     assert 0 < roi["processed"] < full["processed"]
+    blocks = _run_json(folder / "all")["inference"], _run_json(folder / "roi")["inference"]
+    assert (
+        blocks[1]["input_pixels"] < blocks[0]["input_pixels"] and blocks[1]["blocks"] <= blocks[0]["blocks"]
+    )
     assert roi["tissue"] + roi["outside_roi"] == full["tissue"]
     assert roi["processed"] + roi["skipped_background"] + roi["outside_roi"] == roi["total"]
 
