@@ -25,7 +25,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import ProgressLog, SlideOutput
-from wsi_espnet.roi import read_roi, roi_file_for, write_normalised
+from wsi_espnet.roi import read_job_roi, write_normalised
 from wsi_espnet.runstate import Failed, RunRecord, Skipped, SlideJob, SlidePlan
 from wsi_espnet.slide import Slide, check_resolution
 from wsi_espnet.store import SlideStore
@@ -74,10 +74,7 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         opened = _open_slide(job.path, given_mpp, settings, card)
         grid, mpp = opened.grid, opened.mpp
         tissue_chunks = grid.select(opened.tissue, mpp) if settings.tissue_detection else grid.chunks
-        roi_file = roi_file_for(job, settings)
-        roi = read_roi(roi_file, settings.roi_classes) if roi_file is not None else None
-        scale = mpp / float(opened.metadata["mpp"])
-        regions = roi.in_analysis(tuple(opened.metadata["bounds_offset"]), scale, grid.shape) if roi else None
+        roi, regions = read_job_roi(job, settings, opened.metadata, grid, mpp)  # --roi
         selected = regions.select(tissue_chunks) if regions else tissue_chunks  # only chunks inside the ROI
         store_params = _store_params(card, settings, mpp, grid) | ({"roi": roi.sha256} if roi else {})
         resumed = _open_or_create_store(
@@ -108,7 +105,7 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         RunRecord.start(job, output, provenance).resumed(resumed, timings).write(output)
         slide_mpp = float(opened.metadata["mpp"])  # what the slide's file (or the override) says
         return SlidePlan(
-            job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection, regions
+            job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection, roi=regions
         )
     except WsiEspnetError as exc:
         return Failed(job, str(exc))

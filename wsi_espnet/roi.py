@@ -45,6 +45,7 @@ from wsi_espnet.roi_regions import Annotation, RoiRegions
 
 if TYPE_CHECKING:
     from wsi_espnet.config import SegmentSettings
+    from wsi_espnet.grid import TileGrid
     from wsi_espnet.outputs import SlideOutput
     from wsi_espnet.runstate import SlideJob
     from wsi_espnet.store import SlideStore
@@ -267,6 +268,23 @@ def _polygonal(geometry: shapely.Geometry) -> MultiPolygon:
 def roi_file_for(job: SlideJob, settings: SegmentSettings) -> Path | None:
     """The ROI file of one slide: its manifest row's ``roi`` wins over ``--roi``."""
     return job.roi if job.roi is not None else settings.roi
+
+
+def read_job_roi(
+    job: SlideJob, settings: SegmentSettings, slide_metadata: dict[str, Any], grid: TileGrid, mpp: float
+) -> tuple[Roi | None, RoiRegions | None]:
+    """In prepare: the slide's ROI (None without one) and the same in the analysis pixels of ``grid``.
+
+    ``slide_metadata`` is :meth:`Slide.metadata` (level-0 mpp and bounds offset), ``mpp`` the
+    analysis resolution.
+    """
+    path = roi_file_for(job, settings)
+    if path is None:
+        return None, None
+    roi = read_roi(path, settings.roi_classes)
+    offset = slide_metadata.get("bounds_offset") or (0, 0)
+    scale = mpp / float(slide_metadata["mpp"])
+    return roi, roi.in_analysis((int(offset[0]), int(offset[1])), scale, grid.shape)
 
 
 def check_roi(
