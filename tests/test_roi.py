@@ -237,3 +237,18 @@ def test_a_bad_per_slide_roi_fails_only_its_slide(small_slide, tissue_card, tmp_
     refused = check_run(jobs, tmp_path / "out", SegmentSettings(model=str(tissue_card)))
     assert list(refused) == [jobs[1]]
     assert "bad.geojson" in refused[jobs[1]].error and "is not JSON" in refused[jobs[1]].error
+
+
+def test_chunk_masks_tile_the_whole_mask_without_seams(shared_data):
+    """Blocks and chunks burn the ROI on their own; together they must give the one whole mask."""
+    import numpy as np
+
+    roi = read_roi(shared_data / "qupath_json" / "polygon.geojson")  # 1553 vertices, 3 parts
+    regions = roi.in_analysis((0, 0), 8.0, (1250, 1250))
+    whole = regions.mask(0, 0, 1280, 1280)
+    tiled = np.zeros_like(whole)
+    for y in range(0, 1280, 128):
+        for x in range(0, 1280, 128):
+            tiled[y : y + 128, x : x + 128] = regions.mask(y, x, 128, 128)
+    assert whole.any() and (tiled == whole).all()
+    assert abs(int(whole.sum()) - regions.union.area) < 0.01 * regions.union.area

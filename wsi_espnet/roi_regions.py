@@ -23,6 +23,10 @@ from shapely.geometry import MultiPolygon, box
 from wsi_espnet.blocks import Block
 from wsi_espnet.grid import Chunk, TileGrid
 
+# Pixel windows are not map coordinates: the window at (0, 0) has the identity transform, which
+# rasterio reports as "not georeferenced". A filter, not catch_warnings: chunks burn in threads.
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning, module="rasterio.features")
+
 
 @dataclass(frozen=True)
 class Annotation:
@@ -88,14 +92,14 @@ class RoiRegions:
 
 
 def _burn(geometries: list[shapely.Geometry], y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    shapes = [g for g in geometries if not g.is_empty]
-    if not shapes or h <= 0 or w <= 0:
+    if h <= 0 or w <= 0:
         return np.zeros((max(h, 0), max(w, 0)), bool)
-    with warnings.catch_warnings():  # rasterio warns that the window at (0, 0) is not georeferenced
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        burnt = rasterize(
-            shapes, out_shape=(h, w), transform=Affine.translation(x0, y0), fill=0, dtype="uint8"
-        )
+    # Clipped to the window first: burning costs what the window holds, not the whole outline.
+    clipped = [shapely.clip_by_rect(g, x0 - 1, y0 - 1, x0 + w + 1, y0 + h + 1) for g in geometries]
+    shapes = [g for g in clipped if not g.is_empty]
+    if not shapes:
+        return np.zeros((h, w), bool)
+    burnt = rasterize(shapes, out_shape=(h, w), transform=Affine.translation(x0, y0), fill=0, dtype="uint8")
     return burnt.astype(bool)
 
 
