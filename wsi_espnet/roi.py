@@ -54,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 NOT_REGIONS = frozenset({"detection", "cell", "tile"})  # QuPath object types that are not drawn regions
 META_KEY = "wsi_espnet"
+CLASS_COLOR = (255, 200, 0)  # for a classified annotation whose file gave no colour (QuPath needs one)
 
 
 class RoiError(WsiEspnetError):
@@ -82,7 +83,7 @@ class Roi:
                 "isLocked": True,
             }
             if annotation.classification is not None:
-                color = list(annotation.color or (255, 200, 0))
+                color = list(annotation.color or CLASS_COLOR)
                 properties["classification"] = {"name": annotation.classification, "color": color}
             features.append(
                 {"type": "Feature", "geometry": mapping(annotation.geometry), "properties": properties}
@@ -121,6 +122,7 @@ class Roi:
 
     @property
     def union(self) -> shapely.Geometry:
+        """All annotations as one geometry, in QuPath's frame."""
         return shapely.union_all([a.geometry for a in self.annotations])
 
     def in_analysis(self, bounds_offset: tuple[int, int], scale: float, shape: tuple[int, int]) -> RoiRegions:
