@@ -184,6 +184,17 @@ def _segment_options(func: Any) -> Any:
             type=click.Path(path_type=Path),
             help="Save Dask's performance report (HTML).",
         ),
+        click.option(
+            "--roi",
+            type=click.Path(path_type=Path),
+            help="QuPath GeoJSON export: segment only inside its polygons (a manifest 'roi' column wins).",
+        ),
+        click.option(
+            "--roi-class",
+            "roi_classes",
+            multiple=True,
+            help="Keep only ROI annotations of this QuPath class (repeatable).",
+        ),
         click.option("--overwrite", is_flag=True, help="Redo slides whose output is complete."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table."),
         click.option(
@@ -201,7 +212,9 @@ def _segment_options(func: Any) -> Any:
 @main.command()
 @click.argument("slides", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
-    "--manifest", type=click.Path(path_type=Path), help="CSV with a 'slide' column (optional 'slide_mpp')."
+    "--manifest",
+    type=click.Path(path_type=Path),
+    help="CSV with a 'slide' column (optional 'slide_mpp', 'roi').",
 )
 @_segment_options
 @click.pass_context

@@ -79,6 +79,8 @@ class SegmentSettings:
     adapt: tuple[int, int] | None = None
     scheduler: str | None = None  # address of a running Dask scheduler
     performance_report: Path | None = None
+    roi: Path | None = None  # QuPath GeoJSON of the region to segment (a manifest's roi column wins)
+    roi_classes: tuple[str, ...] = ()  # keep only ROI annotations of these QuPath classes
 
     def validate(self) -> SegmentSettings:
         """Reject values that would silently produce wrong or seamed results."""
@@ -108,6 +110,8 @@ class SegmentSettings:
             raise ConfigError("--workers must be >= 0 and --threads >= 1")
         if self.adapt is not None:
             check_adapt(self.adapt)
+        if any(not name.strip() for name in self.roi_classes):
+            raise ConfigError("--roi-class needs a class name, got an empty one")
         return self
 
     @property
@@ -129,16 +133,20 @@ class SegmentSettings:
         record = asdict(self)
         record["performance_report"] = str(self.performance_report) if self.performance_report else None
         record["formats"] = list(self.formats)
+        record["roi"] = str(self.roi) if self.roi else None
+        record["roi_classes"] = list(self.roi_classes)
         return record
 
 
 _FIELDS = {f.name for f in fields(SegmentSettings)}
+_ALIASES = {"roi_class": "roi_classes"}  # the YAML key spelt like the repeatable option --roi-class
 
 
 def _normalise_keys(raw: dict[str, Any], source: Path | str) -> dict[str, Any]:
     out = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        name = _ALIASES.get(name, name)
         if name not in _FIELDS:
             raise ConfigError(f"unknown setting '{key}' (known: {', '.join(sorted(_FIELDS))})", source)
         out[name] = value
@@ -161,6 +169,11 @@ def _coerce(values: dict[str, Any], source: Path | str) -> dict[str, Any]:
         out["adapt"] = parse_adapt(out["adapt"])
     if out.get("performance_report") is not None:
         out["performance_report"] = Path(out["performance_report"])
+    if out.get("roi") is not None:
+        out["roi"] = Path(out["roi"])
+    if "roi_classes" in out:
+        names = out["roi_classes"]
+        out["roi_classes"] = (names,) if isinstance(names, str) else tuple(str(n) for n in names or ())
     return out
 
 

@@ -19,6 +19,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all, read_slide_thumbnail
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.roi_stats import write_roi_csv
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
 from wsi_espnet.stats import compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
@@ -51,8 +52,10 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
         store.build_pyramid(written)
         timings["pyramid_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written)
+        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written, roi=plan.roi)
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
+        if "roi" in stats:
+            write_roi_csv(stats["roi"], plan.output.roi_csv)
         timings["statistics_s"] = time.perf_counter() - t0
     area = float(stats["tissue_area_mm2"])
     warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()

@@ -27,6 +27,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.predict import get_predictor
+from wsi_espnet.roi_regions import block_core
 from wsi_espnet.runstate import Failed, SlidePlan
 from wsi_espnet.slide import Slide
 from wsi_espnet.store import SlideStore
@@ -112,9 +113,12 @@ class _BlockWriter:
             tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
             self.tissue_s += time.perf_counter() - t0
         t0 = time.perf_counter()
+        inside = None if plan.roi is None else plan.roi.mask(*block_core(block, grid))  # --roi
         for chunk, scores, labels in output.chunks(grid):
             if tissue is not None:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
+            if inside is not None:
+                labels = np.where(inside[block.core_slices(grid, chunk)], labels, 0)
             self.store.write_chunk(chunk.index, scores, labels)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

@@ -1,7 +1,8 @@
 """Where one slide's results go: the folder, its files, and the small JSON records in it.
 
 ``OUTDIR/<stem>/`` holds the store ``<stem>.ome.zarr`` (see ``store.py``), statistics
-(``<stem>.stats.json``, ``.stats.csv``), the exports, ``run.json`` (provenance and status) and
+(``<stem>.stats.json``, ``.stats.csv``), with ``--roi`` the ROI (``<stem>.roi.geojson``) and its
+table (``<stem>.roi.csv``), the exports, ``run.json`` (provenance and status) and
 ``.progress/`` (which chunks are safely written). ``OUTDIR/summary.csv`` has one row per slide.
 Every JSON record is written atomically (temp file + rename) so an interrupted run never leaves
 a record that claims to be complete. This module is the only one that knows these names, and it
@@ -119,6 +120,16 @@ class SlideOutput:
     @property
     def stats_csv(self) -> Path:
         return self.file(".stats.csv")
+
+    @property
+    def roi_geojson(self) -> Path:
+        """The ROI the slide was segmented in, normalised (written only with ``--roi``)."""
+        return self.file(".roi.geojson")
+
+    @property
+    def roi_csv(self) -> Path:
+        """One row per ROI annotation: area, tissue area and class fractions."""
+        return self.file(".roi.csv")
 
     @property
     def progress_dir(self) -> Path:

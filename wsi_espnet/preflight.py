@@ -14,6 +14,7 @@ from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import OutputError, WsiEspnetError
 from wsi_espnet.models.cards import load_card
 from wsi_espnet.outputs import SlideOutput, check_same_slide, slide_stem
+from wsi_espnet.roi import check_roi
 from wsi_espnet.runstate import Failed, SlideJob
 from wsi_espnet.slide import Slide, check_resolution
 
@@ -56,15 +57,20 @@ def check_run(jobs: list[SlideJob], outdir: Path, settings: SegmentSettings) -> 
             continue
         seen[stem] = job.path
         try:
-            check_slide(job, settings.slide_mpp, mpp)
-            check_same_slide(SlideOutput.for_slide(outdir, job.path), job.path, settings.overwrite)
+            frame = check_slide(job, settings.slide_mpp, mpp)
+            output = SlideOutput.for_slide(outdir, job.path)
+            check_same_slide(output, job.path, settings.overwrite)
+            check_roi(job, settings, frame, output)
         except WsiEspnetError as exc:
             failures[job] = Failed(job, str(exc))
     return failures
 
 
-def check_slide(job: SlideJob, slide_mpp: float | None, mpp: float) -> None:
+def check_slide(
+    job: SlideJob, slide_mpp: float | None, mpp: float
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """The slide exists, opens, has a resolution (its own, the job's or ``--slide-mpp``) and can
-    be analysed at ``mpp``."""
+    be analysed at ``mpp``; returns its level-0 dimensions and bounds offset (for the ROI check)."""
     with Slide.open(job.path, slide_mpp=job.slide_mpp or slide_mpp) as slide:
         check_resolution(slide, mpp)
+        return slide.dimensions, slide.bounds_offset

@@ -25,6 +25,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import ProgressLog, SlideOutput
+from wsi_espnet.roi import read_job_roi, write_normalised
 from wsi_espnet.runstate import Failed, RunRecord, Skipped, SlideJob, SlidePlan
 from wsi_espnet.slide import Slide, check_resolution
 from wsi_espnet.store import SlideStore
@@ -72,11 +73,15 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         given_mpp = job.slide_mpp or settings.slide_mpp  # the job's override wins over the run's
         opened = _open_slide(job.path, given_mpp, settings, card)
         grid, mpp = opened.grid, opened.mpp
-        selected = grid.select(opened.tissue, mpp) if settings.tissue_detection else grid.chunks
-        store_params = _store_params(card, settings, mpp, grid)
+        tissue_chunks = grid.select(opened.tissue, mpp) if settings.tissue_detection else grid.chunks
+        roi, regions = read_job_roi(job, settings, opened.metadata, grid, mpp)  # --roi
+        selected = regions.select(tissue_chunks) if regions else tissue_chunks  # only chunks inside the ROI
+        store_params = _store_params(card, settings, mpp, grid) | ({"roi": roi.sha256} if roi else {})
         resumed = _open_or_create_store(
             output, store_params, settings.overwrite, _store_creator(card, opened)
         )
+        if roi is not None:
+            write_normalised(roi, output.roi_geojson)  # what statistics and exports read the ROI from
         done = ProgressLog(output.progress_dir).done()
         k, source = _block_chunks(settings, grid, output if resumed else None)
         blocks = _pending_blocks([c.index for c in selected], grid, k, done)
@@ -88,16 +93,20 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             "tiles": {
                 "total": len(grid.chunks),
                 "tissue": len(selected),
-                "skipped_background": len(grid.chunks) - len(selected),
+                "skipped_background": len(grid.chunks) - len(tissue_chunks),
                 "resumed_from_previous_run": len(selected) - len(todo),
+                **({"outside_roi": len(tissue_chunks) - len(selected)} if roi else {}),
             },
             "store_params": store_params,
+            **({"roi": roi.record()} if roi else {}),
             "inference": _block_record(blocks, grid, (k, source), [c.index for c in selected]),
         }
         timings = {"prepare_s": time.perf_counter() - start, "tissue_detection_s": opened.tissue_seconds}
         RunRecord.start(job, output, provenance).resumed(resumed, timings).write(output)
         slide_mpp = float(opened.metadata["mpp"])  # what the slide's file (or the override) says
-        return SlidePlan(job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection)
+        return SlidePlan(
+            job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection, roi=regions
+        )
     except WsiEspnetError as exc:
         return Failed(job, str(exc))
 

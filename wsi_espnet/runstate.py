@@ -20,6 +20,7 @@ from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput, slide_file_record
+from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.tissue import TissueMask
 
 LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "openslide-python", "tiffslide")
@@ -27,10 +28,11 @@ LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "opens
 
 @dataclass(frozen=True)
 class SlideJob:
-    """One slide to segment, with an optional per-slide resolution override."""
+    """One slide to segment, with optional per-slide resolution override and ROI (manifest columns)."""
 
     path: Path
     slide_mpp: float | None = None
+    roi: Path | None = None  # wins over --roi
 
 
 @dataclass(frozen=True)
@@ -63,9 +65,9 @@ Outcome = Done | Skipped | Failed
 
 
 def read_manifest(manifest: Path) -> list[SlideJob]:
-    """One job per row of a CSV with a ``slide`` column and an optional ``slide_mpp`` column.
+    """One job per row of a CSV with a ``slide`` column and optional ``slide_mpp`` and ``roi`` columns.
 
-    Relative slide paths are relative to the manifest's folder; problems name the file and line.
+    Relative slide and ROI paths are relative to the manifest's folder; problems name the file and line.
     """
     try:
         with open(manifest, newline="", encoding="utf-8") as fh:
@@ -80,8 +82,10 @@ def read_manifest(manifest: Path) -> list[SlideJob]:
         if not path.is_absolute():
             path = manifest.parent / path
         mpp = (row.get("slide_mpp") or "").strip()
+        roi = (row.get("roi") or "").strip()
+        roi_path = manifest.parent / roi if roi else None  # an absolute path stays as it is
         try:
-            jobs.append(SlideJob(path, float(mpp) if mpp else None))
+            jobs.append(SlideJob(path, float(mpp) if mpp else None, roi_path))
         except ValueError:
             raise SlideError(f"line {line}: slide_mpp {mpp!r} is not a number", manifest) from None
     return jobs
@@ -165,6 +169,7 @@ class SlidePlan:
     blocks: tuple[Block, ...]  # still to infer; each owns its chunks
     tissue: TissueMask
     mask_labels: bool
+    roi: RoiRegions | None = None  # labels outside it are background (``--roi``)
 
     @property
     def n_todo(self) -> int:

@@ -38,6 +38,8 @@ from skimage import measure
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
+from wsi_espnet.roi_regions import RoiRegions
+from wsi_espnet.roi_stats import roi_table
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
 
@@ -63,8 +65,10 @@ class _ChunkPartial:
     fragment_boxes: dict[int, tuple[int, int, int, int]]  # id -> (y0, x0, y1, x1) analysis px
 
 
-def _chunk_partial(labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk) -> _ChunkPartial:
-    """Count, label and measure one stored chunk (runs as one Dask task)."""
+def _chunk_partial(
+    labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk, roi: RoiRegions | None = None
+) -> _ChunkPartial:
+    """Count, label and measure one stored chunk (runs as one Dask task); fragments only inside ``roi``."""
     y0, x0, h, w = chunk.y0, chunk.x0, chunk.h, chunk.w
     block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
     components = measure.label(block, background=BACKGROUND, connectivity=2)
@@ -75,6 +79,8 @@ def _chunk_partial(labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Ch
 
     n_fragments = tissue.n_fragments
     fragments = tissue.fragment_region(y0, x0, h, w, mpp)
+    if roi is not None:  # --roi: a fragment is measured inside the ROI only, like its labels
+        fragments = np.where(roi.mask(y0, x0, h, w), fragments, 0)
     keys = fragments.astype(np.int64).ravel() * N_VALUES + block.ravel()
     fragment_counts = np.bincount(keys, minlength=(n_fragments + 1) * N_VALUES).reshape(-1, N_VALUES)
     boxes = {
@@ -213,6 +219,7 @@ def compute_statistics(
     level0_scale: float,
     written: Iterable[tuple[int, int]] | None = None,
     client: Any = None,
+    roi: RoiRegions | None = None,
 ) -> dict[str, Any]:
     """Tissue area, per-class pixels/areas/regions and a per-fragment table of one slide.
 
@@ -220,14 +227,16 @@ def compute_statistics(
     converts fragment boxes to the slide's own pixels. Each stored chunk is one Dask task
     (``client`` when given, else local threads); only per-chunk partials reach this process.
     Only ``written`` chunks are visited (all when None): an unwritten chunk is background.
+    With a ``roi`` (``--roi``) the labels already cover only the ROI; the result gains the per-ROI
+    table ``roi`` and ``roi_area_mm2`` (:mod:`wsi_espnet.roi_stats`).
     """
     mpp, labels = store.mpp, store.labels(0)
     chunks = store.grid.chunks if written is None else [store.grid.chunk(i) for i in sorted(written)]
     tissue_node = dask.delayed(tissue, pure=True)
-    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c) for c in chunks]
-    parts: list[_ChunkPartial] = list(
-        dask.compute(*tasks, scheduler=client if client is not None else "threads")
-    )
+    roi_node = dask.delayed(roi, pure=True)
+    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c, roi_node) for c in chunks]
+    scheduler = client if client is not None else "threads"
+    parts: list[_ChunkPartial] = list(dask.compute(*tasks, scheduler=scheduler))
 
     counts = sum((p.counts for p in parts), np.zeros(N_VALUES, np.int64))
     region_sizes, region_classes = _merge_regions({p.index: p for p in parts})
@@ -250,7 +259,7 @@ def compute_statistics(
         )
     dims = store.attrs.get("slide", {}).get("dimensions")
     limits = (int(dims[0]), int(dims[1])) if dims else None
-    return {
+    result = {
         "mpp": mpp,
         "level0_scale": float(level0_scale),
         "tissue_definition": TISSUE_DEFINITION,
@@ -260,6 +269,9 @@ def compute_statistics(
         "classes": rows,
         "fragments": _fragment_table(parts, store.classes, mpp, level0_scale, limits),
     }
+    if roi is not None:
+        result["roi"], result["roi_area_mm2"] = roi_table(store, roi, [c.index for c in chunks], scheduler)
+    return result
 
 
 def write_statistics(stats: dict[str, Any], json_path: str | Path, csv_path: str | Path) -> None:

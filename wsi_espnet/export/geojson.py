@@ -47,6 +47,7 @@ from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.errors import ConfigError, OutputError
 from wsi_espnet.export.bands import iter_regions
 from wsi_espnet.export.geojson_file import CollectionWriter
+from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
 
 DEFAULT_MIN_AREA_UM2 = 100.0  # about a 10 µm x 10 µm speck: smaller than a few cells
@@ -103,6 +104,11 @@ def write_geojson(
         "level": level,
         "level_mpp": outputs.level_mpp(level),
     }
+    roi = read_output_roi(outputs)
+    clip = None if roi is None else roi.at_level(level)  # --roi: outlines follow the drawn boundary
+    if clip is not None:
+        shapely.prepare(clip)
+        settings["roi"] = outputs.output.roi_geojson.name
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             tissue_um2 = _tissue_um2(outputs, level)
@@ -116,7 +122,10 @@ def write_geojson(
                 if region.pixels * level_px_um2 < min_area_um2:
                     writer.drop(info, region.pixels * level_px_um2)
                     continue
-                geometry = level0_polygons(region.geometry(), transform)
+                geometry = region.geometry()
+                if clip is not None and not clip.contains(geometry):
+                    geometry = geometry.intersection(clip)
+                geometry = level0_polygons(geometry, transform)
                 if not geometry.is_empty:
                     writer.add(info, geometry)
             staged = Path(scratch) / "collection.geojson"

@@ -14,6 +14,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
+from wsi_espnet.export.roi_views import OUTLINE_COLOR, draw_outline
+from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
 
 ALPHA = 0.45
@@ -62,7 +64,10 @@ def render_overlay(
     blended = base.astype(np.float32)
     blended[tissue] = (1 - ALPHA) * blended[tissue] + ALPHA * colors[labels[tissue]]
     picture = Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
-    return _with_legend(picture, outputs, stats)
+    roi = read_output_roi(outputs)
+    if roi is not None:  # --roi: the region the slide was segmented in
+        draw_outline(picture, roi, outputs.shape)
+    return _with_legend(picture, outputs, stats, roi is not None)
 
 
 def labels_at_size(outputs: SlideStore, height: int, width: int) -> np.ndarray:
@@ -76,8 +81,10 @@ def labels_at_size(outputs: SlideStore, height: int, width: int) -> np.ndarray:
     return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
 
 
-def _with_legend(picture: Image.Image, outputs: SlideStore, stats: dict[str, Any] | None) -> Image.Image:
-    """Place a legend panel (name, colour, area in mm²) to the right of the picture."""
+def _with_legend(
+    picture: Image.Image, outputs: SlideStore, stats: dict[str, Any] | None, roi: bool = False
+) -> Image.Image:
+    """Place a legend panel (name, colour, area in mm²; the ROI outline) to the right of the picture."""
     areas = {int(row["label"]): float(row["area_mm2"]) for row in (stats or {}).get("classes", [])}
     lines = [(None, outputs.stem)]
     if stats and "tissue_area_mm2" in stats:
@@ -85,6 +92,9 @@ def _with_legend(picture: Image.Image, outputs: SlideStore, stats: dict[str, Any
     for info in outputs.tissue_classes:
         area = f"  {areas[info.value]:.3f} {AREA_UNIT}" if info.value in areas else ""
         lines.append((info.color, f"{info.name}{area}"))
+    if roi:
+        roi_area = (stats or {}).get("roi_area_mm2")
+        lines.append((OUTLINE_COLOR, "ROI outline" + (f"  {roi_area:.3f} {AREA_UNIT}" if roi_area else "")))
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
     canvas.paste(picture, (0, 0))
