@@ -51,7 +51,9 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
         store.build_pyramid(written)
         timings["pyramid_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written)
+        stats = compute_statistics(
+            store, plan.tissue, plan.mpp / plan.slide_mpp, written, low_confidence=settings.low_confidence
+        )
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
         timings["statistics_s"] = time.perf_counter() - t0
     area = float(stats["tissue_area_mm2"])

@@ -36,6 +36,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from skimage import measure
 
+from wsi_espnet import confidence as conf
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
 from wsi_espnet.store import SlideStore
@@ -44,6 +45,13 @@ from wsi_espnet.tissue import TissueMask
 CONNECTIVITY = 8
 N_VALUES = 256  # uint8 labels
 CSV_COLUMNS = ("label", "name", "pixels", "area_mm2", "fraction_of_tissue", "regions", "largest_region_mm2")
+# Confidence columns; the last two are the slide's (the same on every row).
+CONFIDENCE_COLUMNS = (
+    "mean_confidence",
+    "low_confidence_fraction",
+    "uncertain_fraction_of_tissue",
+    "low_confidence_threshold",
+)
 TISSUE_DEFINITION = "pixels whose label is not background (class value 0)"
 
 
@@ -61,9 +69,16 @@ class _ChunkPartial:
     right: np.ndarray
     fragment_counts: np.ndarray  # (F + 1, 256) pixels per fragment id and label value
     fragment_boxes: dict[int, tuple[int, int, int, int]]  # id -> (y0, x0, y1, x1) analysis px
+    confidence: conf.ConfidencePartial | None = None  # None: the store has no confidence layer
 
 
-def _chunk_partial(labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk) -> _ChunkPartial:
+def _chunk_partial(
+    labels: zarr.Array,
+    tissue: TissueMask,
+    mpp: float,
+    chunk: Chunk,
+    confidence: conf.ConfidenceSource | None = None,
+) -> _ChunkPartial:
     """Count, label and measure one stored chunk (runs as one Dask task)."""
     y0, x0, h, w = chunk.y0, chunk.x0, chunk.h, chunk.w
     block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
@@ -93,6 +108,7 @@ def _chunk_partial(labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Ch
         right=components[:, -1].copy(),
         fragment_counts=fragment_counts[: n_fragments + 1],
         fragment_boxes=boxes,
+        confidence=conf.chunk_partial(confidence, block, y0, x0) if confidence is not None else None,
     )
 
 
@@ -213,6 +229,7 @@ def compute_statistics(
     level0_scale: float,
     written: Iterable[tuple[int, int]] | None = None,
     client: Any = None,
+    low_confidence: float = conf.DEFAULT_LOW_CONFIDENCE,
 ) -> dict[str, Any]:
     """Tissue area, per-class pixels/areas/regions and a per-fragment table of one slide.
 
@@ -220,11 +237,14 @@ def compute_statistics(
     converts fragment boxes to the slide's own pixels. Each stored chunk is one Dask task
     (``client`` when given, else local threads); only per-chunk partials reach this process.
     Only ``written`` chunks are visited (all when None): an unwritten chunk is background.
+    ``low_confidence`` is the threshold of the confidence statistics (:mod:`wsi_espnet.confidence`).
     """
     mpp, labels = store.mpp, store.labels(0)
     chunks = store.grid.chunks if written is None else [store.grid.chunk(i) for i in sorted(written)]
     tissue_node = dask.delayed(tissue, pure=True)
-    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c) for c in chunks]
+    array = store.confidence(0)
+    source = conf.ConfidenceSource(array, low_confidence) if array is not None else None
+    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c, source) for c in chunks]
     parts: list[_ChunkPartial] = list(
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
     )
@@ -248,6 +268,7 @@ def compute_statistics(
                 "largest_region_mm2": (int(of_class.max()) if len(of_class) else 0) * mpp**2 / 1e6,
             }
         )
+    confidence_keys = conf.add_statistics(rows, counts, [p.confidence for p in parts], low_confidence)
     dims = store.attrs.get("slide", {}).get("dimensions")
     limits = (int(dims[0]), int(dims[1])) if dims else None
     return {
@@ -259,6 +280,7 @@ def compute_statistics(
         "tissue_area_mm2": tissue_pixels * mpp**2 / 1e6,
         "classes": rows,
         "fragments": _fragment_table(parts, store.classes, mpp, level0_scale, limits),
+        **confidence_keys,
     }
 
 
@@ -266,6 +288,7 @@ def write_statistics(stats: dict[str, Any], json_path: str | Path, csv_path: str
     """Everything as JSON; one CSV row per (non-background) class for spreadsheets."""
     Path(json_path).write_text(json.dumps(stats, indent=2) + "\n")
     with Path(csv_path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS + CONFIDENCE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(stats["classes"])
+        slide_wide = {key: stats.get(key) for key in CONFIDENCE_COLUMNS[2:]}
+        writer.writerows({**slide_wide, **row} for row in stats["classes"])

@@ -1,5 +1,8 @@
 """A PNG a person can look at: the slide thumbnail with class colours blended over tissue, and a legend.
 
+When the store has a confidence layer, a confidence view is drawn to the right of the class view
+(:mod:`wsi_espnet.export.confidence_view`).
+
 The labels come from the coarsest pyramid level that still covers the thumbnail's size, read
 with a stride when even that level is much larger, so the whole overlay costs a few megabytes
 whatever the slide size. Background (label 0) is left untouched so glass stays glass.
@@ -14,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
+from wsi_espnet.export.confidence_view import legend_lines, with_confidence_view
 from wsi_espnet.store import SlideStore, open_store
 
 ALPHA = 0.45
@@ -62,6 +66,7 @@ def render_overlay(
     blended = base.astype(np.float32)
     blended[tissue] = (1 - ALPHA) * blended[tissue] + ALPHA * colors[labels[tissue]]
     picture = Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
+    picture = with_confidence_view(picture, outputs, tissue)
     return _with_legend(picture, outputs, stats)
 
 
@@ -85,6 +90,7 @@ def _with_legend(picture: Image.Image, outputs: SlideStore, stats: dict[str, Any
     for info in outputs.tissue_classes:
         area = f"  {areas[info.value]:.3f} {AREA_UNIT}" if info.value in areas else ""
         lines.append((info.color, f"{info.name}{area}"))
+    lines += legend_lines(outputs, stats)
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
     canvas.paste(picture, (0, 0))
