@@ -158,13 +158,13 @@ def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None, geojson
     note = ""
     if geojson:
         header += "<th>in GeoJSON (mm²)</th><th>specks dropped (mm²)</th>"
-    if confidence:
-        header += "<th>mean confidence</th><th>% low confidence</th>"
         threshold = float(geojson.get("min_area_um2", 0.0))
         note = (
             f"<p>The GeoJSON leaves out connected regions smaller than {threshold:g} µm² (specks); "
-            "the last two columns give what it keeps and what it drops per class.</p>\n"
+            "the two GeoJSON columns give what it keeps and what it drops per class.</p>\n"
         )
+    if confidence:
+        header += "<th>mean confidence</th><th>% low confidence</th>"
     tissue = float(stats.get("tissue_area_mm2", 0.0))
     note += confidence_note(stats)
     return (
