@@ -8,8 +8,13 @@ thread (the machine is shared; one thread is the steadiest rate):
 * ``bins``: pixel accuracy per confidence bin, each fold model on its held-out ROI, labels and
   confidence as ``segment`` writes them inside tissue (tissue-only labels; the ROI's labelled
   non-background pixels stand in for the tissue mask), pooled over the five folds.
-* ``loo``: mIoU and pixel accuracy of each fold on its held-out ROI with ``--tta`` 1, 2, 4 and 8,
-  as ``wsi-espnet evaluate`` computes them (full argmax, one summed confusion matrix pooled).
+* ``loo``: mIoU and pixel accuracy of each fold on its held-out ROI with ``--tta`` 1, 2, 4 and 8
+  (full argmax, one summed confusion matrix pooled, the metric code of ``wsi-espnet evaluate``).
+
+Both in two geometries: ``whole``, each ROI one window padded with white only to a multiple of 8
+(how the leave-one-out table of docs/training.md was first measured), and ``evaluate``, the
+tiling of today's ``wsi-espnet evaluate`` (tile 512, halo 256: a 384² ROI sits in a 1024² window
+that is mostly white margin, which these models never saw in training).
 * ``cost``: seconds per output MPx of ``infer_image`` (segment's tiling: tile 512, halo 256) on
   CMU-1-Small-Region at 1.0 µm/px with each ``--tta``, the best of two passes.
 """
@@ -61,13 +66,19 @@ def _samples(card: ModelCard) -> list[Any]:
     return load_folder(YNET / "images", YNET / "masks", card, DATA_MPP)
 
 
-def confidence_bins(folds: list[tuple[ModelCard, Any]]) -> dict[str, Any]:
+def _geometry(name: str, image: np.ndarray) -> tuple[int, int]:
+    """(tile, halo) of geometry ``name`` for ``image``: one window, or segment's tiling."""
+    return (-(-max(image.shape[:2]) // 8) * 8, 0) if name == "whole" else (512, 256)
+
+
+def confidence_bins(folds: list[tuple[ModelCard, Any]], geometry: str) -> dict[str, Any]:
     """Pixels and accuracy per confidence bin (tissue-only labels on labelled tissue pixels)."""
     right = np.zeros(len(EDGES) - 1, np.int64)
     total = np.zeros(len(EDGES) - 1, np.int64)
     for card, sample in folds:
         options = RunOptions(tissue_only=True)
-        prediction = infer_image(sample.image, Predictor(card, "cpu"), 512, 256, options=options)
+        tile, halo = _geometry(geometry, sample.image)
+        prediction = infer_image(sample.image, Predictor(card, "cpu"), tile, halo, options=options)
         keep = (sample.labels != IGNORE_INDEX) & (sample.labels != 0)
         p = prediction.confidence[keep] / 255.0
         ok = prediction.labels[keep] == sample.labels[keep]
@@ -87,14 +98,15 @@ def confidence_bins(folds: list[tuple[ModelCard, Any]]) -> dict[str, Any]:
     return {"rows": rows, "pixels": int(total.sum()), "accuracy": float(right.sum() / total.sum())}
 
 
-def loo_with_tta(folds: list[tuple[ModelCard, Any]]) -> dict[str, Any]:
+def loo_with_tta(folds: list[tuple[ModelCard, Any]], geometry: str) -> dict[str, Any]:
     """Per fold and pooled mIoU / pixel accuracy for each ``--tta``."""
     result: dict[str, Any] = {}
     for tta in TTAS:
         pooled = None
         per_fold = {}
         for card, sample in folds:
-            metrics = evaluate_model(card.build_model(), card, [sample], "cpu", tta=tta)
+            tile_halo = _geometry(geometry, sample.image)
+            metrics = evaluate_model(card.build_model(), card, [sample], "cpu", tile_halo, tta=tta)
             per_fold[sample.name] = {"miou": metrics["miou"], "pixel_accuracy": metrics["pixel_accuracy"]}
             cm = np.asarray(metrics["confusion_matrix"])
             pooled = cm if pooled is None else pooled + cm
@@ -141,12 +153,14 @@ def main() -> None:
     folds = _folds(args.models)
     sections = set(args.sections.split(","))
     result: dict[str, Any] = {"folds": [s.name for _, s in folds]}
-    if "bins" in sections:
-        result["bins"] = confidence_bins(folds)
-        shipped = load_card("breast-tissue-espnet")  # trained on all five: fitting, not accuracy
-        result["bins_shipped_on_training_rois"] = confidence_bins([(shipped, s) for s in _samples(shipped)])
-    if "loo" in sections:
-        result["loo"] = loo_with_tta(folds)
+    shipped = load_card("breast-tissue-espnet")  # trained on all five: fitting, not accuracy
+    for geometry in ("whole", "evaluate"):
+        if "bins" in sections:
+            result[f"bins_{geometry}"] = confidence_bins(folds, geometry)
+            on_training = [(shipped, s) for s in _samples(shipped)]
+            result[f"bins_shipped_on_training_rois_{geometry}"] = confidence_bins(on_training, geometry)
+        if "loo" in sections:
+            result[f"loo_{geometry}"] = loo_with_tta(folds, geometry)
     if "cost" in sections:
         result["cost"] = tta_cost(load_card("breast-tissue-espnet"))
     text = json.dumps(result, indent=2)
