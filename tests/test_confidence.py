@@ -237,3 +237,17 @@ def test_store_without_confidence_layer_still_reads_and_exports(run: SlideStore,
     written = export_all(copy, ("geojson", "png"))
     assert not _uncertain_features(written["geojson"][0])
     assert Image.open(written["png"][0]).width < Image.open(run.directory / f"{run.stem}.overlay.png").width
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1"])
+def test_bad_low_confidence_is_one_error_line(small_slide, tmp_path: Path, value: str) -> None:
+    from click.testing import CliRunner
+
+    from wsi_espnet.cli import main
+
+    args = ["segment", str(small_slide), "-o", str(tmp_path / "out"), "--low-confidence", value]
+    result = CliRunner().invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        f"Error: --low-confidence must be between 0 and 1, got {float(value)}"
+    ]

@@ -37,8 +37,10 @@ if TYPE_CHECKING:  # the store imports this module; reading a store must not nee
 
 CONFIDENCE_NAME = "confidence"
 #: Pixels whose confidence is below this are "low confidence" (statistics) and "Uncertain"
-#: (GeoJSON). Measured on the held-out Y-Net ROIs (docs/training.md, "Confidence"): below it,
-#: most tissue pixels of the leave-one-out models are wrong.
+#: (GeoJSON). Measured on the Y-Net ROIs (docs/training.md, "The --low-confidence default"):
+#: below it a label is at best a coin toss (pixel accuracy 0.51 for the leave-one-out models,
+#: 0.53 for the shipped model on its own training ROIs), and the model itself puts more
+#: probability on the other classes together than on the one it chose.
 DEFAULT_LOW_CONFIDENCE = 0.5
 N_VALUES = 256
 
