@@ -171,8 +171,13 @@ def _uncertain_features(path: Path) -> list[dict]:
 
 
 def test_uncertain_geojson_regions_are_valid_locked_and_large_enough(run: SlideStore, tmp_path: Path) -> None:
-    # The run's own export: one locked, coloured feature class with an area measurement.
-    features = _uncertain_features(run.directory / f"{run.stem}.geojson")
+    # The run's own export: one locked, coloured feature class with an area measurement, and a
+    # FeatureCollection QuPath imports (the rules of tests/qupath_rules.py).
+    from qupath_rules import check_feature_collection
+
+    collection = run.directory / f"{run.stem}.geojson"
+    assert check_feature_collection(json.loads(collection.read_text())) == []
+    features = _uncertain_features(collection)
     assert features
     for feature in features:
         props = feature["properties"]
