@@ -41,10 +41,13 @@ MIN_AREA_UM2 = 200.0
 
 
 def _mean_2x2(a: np.ndarray) -> np.ndarray:
-    """Reference 2x2 mean, rounded half up, odd edges repeating their last row/column."""
-    even = np.pad(a, [(0, a.shape[0] % 2), (0, a.shape[1] % 2)], mode="edge").astype(np.int64)
-    total = even[0::2, 0::2] + even[0::2, 1::2] + even[1::2, 0::2] + even[1::2, 1::2]
-    return ((total + 2) // 4).astype(np.uint8)
+    """Reference 2x2 mean of the non-zero pixels (0 = no prediction), rounded half up, odd edges
+    repeating their last row/column; 0 where a block has no prediction."""
+    even = np.pad(a, [(0, a.shape[0] % 2), (0, a.shape[1] % 2)], mode="edge").astype(np.float64)
+    four = np.stack([even[0::2, 0::2], even[0::2, 1::2], even[1::2, 0::2], even[1::2, 1::2]])
+    count = (four > 0).sum(axis=0)
+    mean = np.divide(four.sum(axis=0), count, out=np.zeros(count.shape), where=count > 0)
+    return np.floor(mean + 0.5).astype(np.uint8)
 
 
 # --- the definition ---------------------------------------------------------------------------

@@ -19,7 +19,8 @@ call a pixel the detector kept as tissue uncertain merely because it looks pale.
 Where the tissue mask sets a pixel to background, and in chunks never written, the confidence is
 0: a real confidence is at least 1 / (number of classes) > 0, so 0 always means "no prediction".
 The value is computed in the predictor from the float probabilities (before the scores are
-rounded to uint8) and stored in the store's ``confidence/`` image with its own mean 2x2 pyramid.
+rounded to uint8) and stored in the store's ``confidence/`` image with its own pyramid: the 2x2
+mean of the pixels that have a prediction, so glass (0) does not lower the tissue beside it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Layout of ``<stem>.ome.zarr`` (all at analysis resolution ``mpp``)::
     /                  image: per-class scores uint8 (c, y, x) = round(softmax * 255), a pyramid
     /labels/tissue     image-label: argmax class uint8 (y, x), the same pyramid, class colours
     /confidence        image: the label's probability uint8 (y, x) = round(p * 255), the same
-                       pyramid (mean 2x2); 0 = no prediction (see ``confidence.py``)
+                       pyramid (2x2 mean of non-zero pixels); 0 = no prediction (``confidence.py``)
     attribute wsi_espnet: model, classes, mpp, tile, halo, slide {path, mpp, dimensions,
                        bounds_offset}, status
 
