@@ -12,7 +12,7 @@ from scipy import ndimage
 from skimage import measure
 
 from wsi_espnet.grid import TileGrid
-from wsi_espnet.stats import compute_statistics, write_statistics
+from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
 
@@ -28,6 +28,15 @@ GRID = TileGrid(SHAPE, TILE, 0)
 MPP = 2.0
 TISSUE_MPP = 8.0  # the tissue mask is 4x coarser than the label map
 SCALE = 4.0  # level-0 pixels per analysis pixel (slide at 0.5 µm/px)
+THRESHOLD = 0.5  # low-confidence threshold of the tests
+
+
+def _confidence(labels: np.ndarray) -> np.ndarray:
+    """A smooth confidence map in 1..255 (0 on background, as the pipeline writes it)."""
+    rng = np.random.default_rng(int(labels.sum()))
+    smooth = ndimage.gaussian_filter(rng.random(SHAPE), sigma=4)
+    values = np.clip(np.round((smooth - smooth.min()) / np.ptp(smooth) * 254) + 1, 1, 255).astype(np.uint8)
+    return np.where(labels != 0, values, 0).astype(np.uint8)
 
 
 def _random_labels(seed: int) -> np.ndarray:
@@ -64,7 +73,8 @@ def _store(tmp_path: Path, labels: np.ndarray) -> SlideStore:
         for ix in range(-(-SHAPE[1] // TILE)):
             block = labels[iy * TILE : (iy + 1) * TILE, ix * TILE : (ix + 1) * TILE]
             scores = np.zeros((len(CLASSES), *block.shape), dtype=np.uint8)
-            store.write_chunk((iy, ix), scores, block)
+            confidence = _confidence(labels)[iy * TILE : (iy + 1) * TILE, ix * TILE : (ix + 1) * TILE]
+            store.write_chunk((iy, ix), scores, block, confidence=confidence)
     return store
 
 
@@ -75,6 +85,7 @@ def _reference(labels: np.ndarray, tissue: TissueMask) -> dict:
     comp_class = np.array([labels[components == i][0] for i in range(1, len(sizes) + 1)])
     px_area = MPP**2 / 1e6
     tissue_px = int((labels != 0).sum())
+    confidence = _confidence(labels).astype(np.float64) / 255
     classes = []
     for value, name in [(c["value"], c["name"]) for c in CLASSES[1:]]:
         pixels = int((labels == value).sum())
@@ -88,6 +99,8 @@ def _reference(labels: np.ndarray, tissue: TissueMask) -> dict:
                 "fraction_of_tissue": pixels / tissue_px,
                 "regions": len(of_class),
                 "largest_region_mm2": int(of_class.max()) * px_area,
+                "mean_confidence": float(confidence[labels == value].mean()),
+                "low_confidence_fraction": float((confidence[labels == value] < THRESHOLD).mean()),
             }
         )
     fragments = tissue.fragment_region(0, 0, *SHAPE, MPP)
@@ -114,6 +127,8 @@ def _reference(labels: np.ndarray, tissue: TissueMask) -> dict:
         "tissue_area_mm2": tissue_px * px_area,
         "classes": classes,
         "fragments": rows,
+        "uncertain_fraction_of_tissue": float(((confidence < THRESHOLD) & (labels != 0)).sum() / tissue_px),
+        "low_confidence_threshold": THRESHOLD,
     }
 
 
@@ -135,7 +150,9 @@ def _assert_close(actual: object, expected: object) -> None:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_statistics_equal_whole_array_reference(tmp_path: Path, seed: int) -> None:
     labels, tissue = _random_labels(seed), _tissue()
-    stats = compute_statistics(_store(tmp_path, labels), tissue, SCALE)
+    stats = compute_statistics(
+        _store(tmp_path, labels), tissue, SCALE, options=StatisticsOptions(low_confidence=THRESHOLD)
+    )
     expected = _reference(labels, tissue)
     for key, value in expected.items():
         _assert_close(stats[key], value)
@@ -172,6 +189,8 @@ def test_all_background_gives_zero_areas(tmp_path: Path) -> None:
     for row in stats["classes"]:
         assert row["pixels"] == row["regions"] == 0
         assert row["area_mm2"] == row["fraction_of_tissue"] == row["largest_region_mm2"] == 0.0
+        assert row["mean_confidence"] is None and row["low_confidence_fraction"] == 0.0
+    assert stats["uncertain_fraction_of_tissue"] == 0.0
     assert all(f["tissue_area_mm2"] == 0.0 and f["area_mm2"] > 0 for f in stats["fragments"])
 
 
@@ -203,7 +222,13 @@ def test_write_statistics_json_and_csv(tmp_path: Path) -> None:
         "fraction_of_tissue",
         "regions",
         "largest_region_mm2",
+        "mean_confidence",
+        "low_confidence_fraction",
+        "uncertain_fraction_of_tissue",
+        "low_confidence_threshold",
     ]
+    assert float(rows[0]["mean_confidence"]) == pytest.approx(stats["classes"][0]["mean_confidence"])
+    assert {r["uncertain_fraction_of_tissue"] for r in rows} == {str(stats["uncertain_fraction_of_tissue"])}
     assert [r["name"] for r in rows] == ["epithelium", "stroma", "blood"]
     assert sum(int(r["pixels"]) for r in rows) == stats["tissue_pixels"]
     assert float(rows[0]["area_mm2"]) == pytest.approx(int(rows[0]["pixels"]) * MPP**2 / 1e6)

@@ -15,7 +15,7 @@ import click
 from click.core import ParameterSource
 
 from wsi_espnet import __version__
-from wsi_espnet.cli_options import device_option, output_option
+from wsi_espnet.cli_options import confidence_options, device_option, output_option, uncertain_option
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.errors import WsiEspnetError
 
@@ -195,6 +195,7 @@ def _segment_options(func: Any) -> Any:
             multiple=True,
             help="Keep only ROI annotations of this QuPath class (repeatable).",
         ),
+        *confidence_options(_D),
         click.option("--overwrite", is_flag=True, help="Redo slides whose output is complete."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table."),
         click.option(
@@ -333,17 +334,24 @@ def _collect_jobs(slides: tuple[Path, ...], manifest: Path | None) -> list[Any]:
 @click.option("--geojson-per-region", is_flag=True, help="One GeoJSON feature per connected region.")
 @click.option("--min-area-um2", type=float, help="Drop GeoJSON specks smaller than this (µm²).")
 @click.option("--include-scores", is_flag=True, help="Also write per-class scores as an OME-TIFF.")
+@uncertain_option(_D.geojson_uncertain)
 def export(
-    output: Path, formats: str, geojson_per_region: bool, min_area_um2: float | None, include_scores: bool
+    output: Path,
+    formats: str,
+    geojson_per_region: bool,
+    min_area_um2: float | None,
+    include_scores: bool,
+    geojson_uncertain: bool,
 ) -> None:
     """Write exports again from an existing result folder OUTDIR/<name>."""
     from wsi_espnet.config import OutputSettings
     from wsi_espnet.export import export_all
 
     names = tuple(f.strip() for f in formats.split(",") if f.strip())
-    written = export_all(
-        output, settings=OutputSettings(names, geojson_per_region, min_area_um2, include_scores)
+    settings = OutputSettings(
+        names, geojson_per_region, min_area_um2, include_scores, geojson_uncertain=geojson_uncertain
     )
+    written = export_all(output, settings=settings)
     for paths in written.values():
         for path in paths:
             click.echo(str(path))

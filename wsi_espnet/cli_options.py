@@ -1,4 +1,4 @@
-"""Options every command spells the same way: ``-o/--output`` and ``--device``.
+"""Options every command spells the same way: ``-o/--output``, ``--device`` and ``--tta``.
 
 One convention across segment, demo, train and evaluate (issue 11): the output location is
 always ``-o/--output``; the spellings it replaces (``--outdir``, ``--out``) still work for one
@@ -76,3 +76,41 @@ def output_option(
         )(wrapper)
 
     return decorate
+
+
+def tta_option(default: int = 1) -> Callable[[Any], Any]:
+    """``--tta N``: average over N dihedral views. An int, checked by ``config`` so that a bad value
+    is one ``Error:`` line (a ``click.Choice`` would print the usage block)."""
+    return click.option(
+        "--tta",
+        type=int,
+        default=default,
+        show_default=True,
+        help="Test-time augmentation: average over 1, 2, 4 or 8 flips/rotations.",
+    )
+
+
+def uncertain_option(default: bool = True) -> Callable[[Any], Any]:
+    """``--uncertain/--no-uncertain``: the GeoJSON class of low-confidence tissue."""
+    return click.option(
+        "--uncertain/--no-uncertain",
+        "geojson_uncertain",
+        default=default,
+        show_default=True,
+        help="GeoJSON class 'Uncertain' for tissue below --low-confidence.",
+    )
+
+
+def confidence_options(defaults: Any) -> list[Callable[[Any], Any]]:
+    """segment's ``--tta``, ``--low-confidence`` and ``--uncertain/--no-uncertain``."""
+    return [
+        tta_option(defaults.tta),
+        click.option(
+            "--low-confidence",
+            type=float,
+            default=defaults.low_confidence,
+            show_default=True,
+            help="Confidence (0-1) below which tissue counts as uncertain.",
+        ),
+        uncertain_option(defaults.geojson_uncertain),
+    ]

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from wsi_espnet.confidence import DEFAULT_LOW_CONFIDENCE
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.outputs import FORMATS as EXPORT_FORMATS
 from wsi_espnet.resources import load_yaml
@@ -26,6 +27,7 @@ class InferenceSettings:
     model: str
     device: str
     batch_size: int
+    tta: int = 1  # test-time augmentation views (1, 2, 4 or 8)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class OutputSettings:
     geojson_per_region: bool = False
     geojson_min_area_um2: float | None = None  # None: the exporter's default (100 µm²)
     include_scores: bool = False
+    low_confidence: float = DEFAULT_LOW_CONFIDENCE  # statistics; GeoJSON takes the statistics' value
+    geojson_uncertain: bool = True  # an "Uncertain" GeoJSON class of low-confidence tissue
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class SegmentSettings:
     performance_report: Path | None = None
     roi: Path | None = None  # QuPath GeoJSON of the region to segment (a manifest's roi column wins)
     roi_classes: tuple[str, ...] = ()  # keep only ROI annotations of these QuPath classes
+    tta: int = 1  # test-time augmentation: average over 1, 2, 4 or 8 dihedral views (wsi_espnet/tta.py)
+    low_confidence: float = DEFAULT_LOW_CONFIDENCE  # below it a tissue pixel is "uncertain"
+    geojson_uncertain: bool = True  # export low-confidence tissue as a GeoJSON class "Uncertain"
 
     def validate(self) -> SegmentSettings:
         """Reject values that would silently produce wrong or seamed results."""
@@ -112,15 +119,22 @@ class SegmentSettings:
             check_adapt(self.adapt)
         if any(not name.strip() for name in self.roi_classes):
             raise ConfigError("--roi-class needs a class name, got an empty one")
+        check_confidence_settings(self.tta, self.low_confidence)
         return self
 
     @property
     def inference(self) -> InferenceSettings:
-        return InferenceSettings(self.model, self.device, self.batch_size)
+        return InferenceSettings(self.model, self.device, self.batch_size, self.tta)
 
     @property
     def outputs(self) -> OutputSettings:
-        return OutputSettings(self.formats, self.geojson_per_region, self.geojson_min_area_um2)
+        return OutputSettings(
+            self.formats,
+            self.geojson_per_region,
+            self.geojson_min_area_um2,
+            low_confidence=self.low_confidence,
+            geojson_uncertain=self.geojson_uncertain,
+        )
 
     @property
     def cluster_settings(self) -> ClusterSettings:
@@ -192,6 +206,20 @@ def check_adapt(adapt: tuple[int, int]) -> tuple[int, int]:
     if not (0 <= lo <= hi and hi >= 1):
         raise ConfigError(f"adapt needs 0 <= minimum <= maximum and maximum >= 1 (got {lo}:{hi})")
     return lo, hi
+
+
+def check_tta(tta: int) -> int:
+    """``--tta`` is 1, 2, 4 or 8: the view groups of ``tta.py`` (which needs torch; this must not)."""
+    if tta not in (1, 2, 4, 8):
+        raise ConfigError(f"--tta must be 1, 2, 4 or 8, got {tta}")
+    return tta
+
+
+def check_confidence_settings(tta: int, low_confidence: float) -> None:
+    """``--tta`` (see :func:`check_tta`) and ``--low-confidence``, a probability."""
+    check_tta(tta)
+    if not 0.0 <= low_confidence <= 1.0:
+        raise ConfigError(f"--low-confidence must be between 0 and 1, got {low_confidence}")
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> SegmentSettings:

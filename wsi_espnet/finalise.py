@@ -21,7 +21,7 @@ from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.roi_stats import write_roi_csv
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
-from wsi_espnet.stats import compute_statistics, write_statistics
+from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 
 REPORT = "html"
@@ -52,7 +52,8 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
         store.build_pyramid(written)
         timings["pyramid_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written, roi=plan.roi)
+        options = StatisticsOptions(plan.roi, settings.low_confidence)
+        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written, options=options)
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
         if "roi" in stats:
             write_roi_csv(stats["roi"], plan.output.roi_csv)

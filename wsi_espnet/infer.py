@@ -22,6 +22,7 @@ from distributed import get_worker
 
 from wsi_espnet.block_size import blocks_per_pass
 from wsi_espnet.blocks import Block
+from wsi_espnet.confidence import masked
 from wsi_espnet.config import InferenceSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
@@ -79,7 +80,9 @@ def infer_task(plan: SlidePlan, blocks: list[Block], settings: InferenceSettings
         slide = _cached_slide(str(plan.job.path), plan.slide_mpp)
         predictor = get_predictor(_cached_card(settings.model), settings.device)
         times = StageTimes()
-        options = RunOptions(blocks_per_pass(predictor.device, settings.batch_size), plan.mask_labels, times)
+        options = RunOptions(
+            blocks_per_pass(predictor.device, settings.batch_size), plan.mask_labels, times, settings.tta
+        )
         writer = _BlockWriter(plan)
         for output in infer_blocks(slide_reader(slide, plan.mpp), predictor, blocks, plan.grid, options):
             writer.write(output)
@@ -115,10 +118,13 @@ class _BlockWriter:
         t0 = time.perf_counter()
         inside = None if plan.roi is None else plan.roi.mask(*block_core(block, grid))  # --roi
         for chunk, scores, labels in output.chunks(grid):
+            confidence = output.chunk_confidence(grid, chunk)
             if tissue is not None:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
             if inside is not None:
                 labels = np.where(inside[block.core_slices(grid, chunk)], labels, 0)
-            self.store.write_chunk(chunk.index, scores, labels)
+            if confidence is not None and (tissue is not None or inside is not None):
+                confidence = masked(confidence, labels != 0)  # 0 = no prediction, as in unwritten chunks
+            self.store.write_chunk(chunk.index, scores, labels, confidence=confidence)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

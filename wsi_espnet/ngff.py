@@ -110,3 +110,11 @@ def _image_label(classes: tuple[ClassInfo, ...], version: str | None) -> dict:
 def _wrap(attrs: dict, zarr_format: int) -> dict:
     """NGFF 0.4 keeps metadata at the top level; 0.5 nests it under ``"ome"`` with the version."""
     return attrs if zarr_format == 2 else {"ome": {"version": "0.5", **attrs}}
+
+
+def confidence_metadata(mpp: float, n_levels: int, zarr_format: int) -> dict[str, Any]:
+    """Attributes of the ``confidence`` image (y, x): a multiscale image of its own, beside the
+    scores, so NGFF viewers open it as ``<store>/confidence`` (uint8 = round(p * 255))."""
+    version = "0.4" if zarr_format == 2 else None
+    image = {"multiscales": [_multiscale("confidence", ["y", "x"], mpp, n_levels, "mean 2x2", version)]}
+    return _wrap(image, zarr_format)

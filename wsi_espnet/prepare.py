@@ -143,6 +143,7 @@ def _store_params(card: ModelCard, settings: SegmentSettings, mpp: float, grid: 
         "shape": list(grid.shape),
         "zarr_format": settings.zarr_format,
         "tissue_detection": settings.tissue_detection,
+        "tta": settings.tta,  # changes the scores, labels and confidence of every chunk
     }
 
 

@@ -45,6 +45,20 @@ def build_levels(
         current = set(parents)
 
 
+def build_mean_levels(
+    levels: list[zarr.Array], written: Iterable[ChunkIndex] | None = None, client: Any = None
+) -> None:
+    """Fill levels 1..n of a single-array image (the confidence) with the 2x2 mean of its
+    non-zero pixels, as above: 0 means "no prediction" (glass), so it must not pull down the
+    confidence of the tissue pixels it borders on a coarser level."""
+    current = set(written) if written is not None else set(_all_units(levels[0]))
+    for above, target in itertools.pairwise(levels):
+        parents = sorted({(iy // 2, ix // 2) for iy, ix in current})
+        tasks = [dask.delayed(_write_parent)(above, target, index, _mean_nonzero_2x2) for index in parents]
+        dask.compute(*tasks, scheduler=client if client is not None else "threads")
+        current = set(parents)
+
+
 def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
     unit = write_unit(array)
     rows, cols = (-(-n // u) for n, u in zip(array.shape[-2:], unit[-2:], strict=True))
@@ -78,6 +92,13 @@ def _mean_2x2(block: np.ndarray) -> np.ndarray:
     """Mean of each 2x2 block, rounded half up (an odd edge averages the pixels that exist)."""
     total = _blocks_2x2(block).astype(np.uint16).sum(axis=0)
     return ((total + 2) // 4).astype(np.uint8)
+
+
+def _mean_nonzero_2x2(block: np.ndarray) -> np.ndarray:
+    """Mean of the non-zero pixels of each 2x2 block, rounded half up; 0 where all four are 0."""
+    four = _blocks_2x2(block).astype(np.uint16)
+    total, count = four.sum(axis=0), np.count_nonzero(four, axis=0).astype(np.uint16)
+    return np.where(count > 0, (2 * total + count) // np.maximum(2 * count, 1), 0).astype(np.uint8)
 
 
 def _mode_2x2(block: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ from scipy import ndimage, sparse
 from scipy.sparse import csgraph
 from skimage import measure
 
+from wsi_espnet import confidence as conf
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
 from wsi_espnet.roi_regions import RoiRegions
@@ -46,6 +47,13 @@ from wsi_espnet.tissue import TissueMask
 CONNECTIVITY = 8
 N_VALUES = 256  # uint8 labels
 CSV_COLUMNS = ("label", "name", "pixels", "area_mm2", "fraction_of_tissue", "regions", "largest_region_mm2")
+# Confidence columns; the last two are the slide's (the same on every row).
+CONFIDENCE_COLUMNS = (
+    "mean_confidence",
+    "low_confidence_fraction",
+    "uncertain_fraction_of_tissue",
+    "low_confidence_threshold",
+)
 TISSUE_DEFINITION = "pixels whose label is not background (class value 0)"
 
 
@@ -63,12 +71,30 @@ class _ChunkPartial:
     right: np.ndarray
     fragment_counts: np.ndarray  # (F + 1, 256) pixels per fragment id and label value
     fragment_boxes: dict[int, tuple[int, int, int, int]]  # id -> (y0, x0, y1, x1) analysis px
+    confidence: conf.ConfidencePartial | None = None  # None: the store has no confidence layer
+
+
+@dataclass(frozen=True)
+class StatisticsOptions:
+    """What a run adds to the statistics: its ``--roi`` and its ``--low-confidence`` threshold."""
+
+    roi: RoiRegions | None = None
+    low_confidence: float = conf.DEFAULT_LOW_CONFIDENCE
+
+
+@dataclass(frozen=True)
+class _Layers:
+    """The optional inputs one chunk's task reads besides its labels (each None when absent)."""
+
+    roi: RoiRegions | None = None
+    confidence: conf.ConfidenceSource | None = None
 
 
 def _chunk_partial(
-    labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk, roi: RoiRegions | None = None
+    labels: zarr.Array, tissue: TissueMask, mpp: float, chunk: Chunk, layers: _Layers = _Layers()
 ) -> _ChunkPartial:
-    """Count, label and measure one stored chunk (runs as one Dask task); fragments only inside ``roi``."""
+    """Count, label and measure one stored chunk (runs as one Dask task); fragments only inside the ROI."""
+    roi, confidence = layers.roi, layers.confidence
     y0, x0, h, w = chunk.y0, chunk.x0, chunk.h, chunk.w
     block = np.asarray(labels[y0 : y0 + h, x0 : x0 + w])
     components = measure.label(block, background=BACKGROUND, connectivity=2)
@@ -99,6 +125,7 @@ def _chunk_partial(
         right=components[:, -1].copy(),
         fragment_counts=fragment_counts[: n_fragments + 1],
         fragment_boxes=boxes,
+        confidence=conf.chunk_partial(confidence, block, y0, x0) if confidence is not None else None,
     )
 
 
@@ -219,7 +246,7 @@ def compute_statistics(
     level0_scale: float,
     written: Iterable[tuple[int, int]] | None = None,
     client: Any = None,
-    roi: RoiRegions | None = None,
+    options: StatisticsOptions = StatisticsOptions(),
 ) -> dict[str, Any]:
     """Tissue area, per-class pixels/areas/regions and a per-fragment table of one slide.
 
@@ -227,14 +254,19 @@ def compute_statistics(
     converts fragment boxes to the slide's own pixels. Each stored chunk is one Dask task
     (``client`` when given, else local threads); only per-chunk partials reach this process.
     Only ``written`` chunks are visited (all when None): an unwritten chunk is background.
-    With a ``roi`` (``--roi``) the labels already cover only the ROI; the result gains the per-ROI
-    table ``roi`` and ``roi_area_mm2`` (:mod:`wsi_espnet.roi_stats`).
+    With ``options.roi`` (``--roi``) the labels already cover only the ROI; the result gains the
+    per-ROI table ``roi`` and ``roi_area_mm2`` (:mod:`wsi_espnet.roi_stats`).
+    ``options.low_confidence`` is the threshold of the confidence statistics
+    (:mod:`wsi_espnet.confidence`).
     """
     mpp, labels = store.mpp, store.labels(0)
     chunks = store.grid.chunks if written is None else [store.grid.chunk(i) for i in sorted(written)]
     tissue_node = dask.delayed(tissue, pure=True)
-    roi_node = dask.delayed(roi, pure=True)
-    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c, roi_node) for c in chunks]
+    roi, low_confidence = options.roi, options.low_confidence
+    array = store.confidence(0)
+    source = conf.ConfidenceSource(array, low_confidence) if array is not None else None
+    layers = dask.delayed(_Layers(roi, source), pure=True)
+    tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c, layers) for c in chunks]
     scheduler = client if client is not None else "threads"
     parts: list[_ChunkPartial] = list(dask.compute(*tasks, scheduler=scheduler))
 
@@ -257,6 +289,7 @@ def compute_statistics(
                 "largest_region_mm2": (int(of_class.max()) if len(of_class) else 0) * mpp**2 / 1e6,
             }
         )
+    confidence_keys = conf.add_statistics(rows, counts, [p.confidence for p in parts], low_confidence)
     dims = store.attrs.get("slide", {}).get("dimensions")
     limits = (int(dims[0]), int(dims[1])) if dims else None
     result = {
@@ -268,6 +301,7 @@ def compute_statistics(
         "tissue_area_mm2": tissue_pixels * mpp**2 / 1e6,
         "classes": rows,
         "fragments": _fragment_table(parts, store.classes, mpp, level0_scale, limits),
+        **confidence_keys,
     }
     if roi is not None:
         result["roi"], result["roi_area_mm2"] = roi_table(store, roi, [c.index for c in chunks], scheduler)
@@ -278,6 +312,7 @@ def write_statistics(stats: dict[str, Any], json_path: str | Path, csv_path: str
     """Everything as JSON; one CSV row per (non-background) class for spreadsheets."""
     Path(json_path).write_text(json.dumps(stats, indent=2) + "\n")
     with Path(csv_path).open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS + CONFIDENCE_COLUMNS, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(stats["classes"])
+        slide_wide = {key: stats.get(key) for key in CONFIDENCE_COLUMNS[2:]}
+        writer.writerows({**slide_wide, **row} for row in stats["classes"])

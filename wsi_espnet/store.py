@@ -4,6 +4,8 @@ Layout of ``<stem>.ome.zarr`` (all at analysis resolution ``mpp``)::
 
     /                  image: per-class scores uint8 (c, y, x) = round(softmax * 255), a pyramid
     /labels/tissue     image-label: argmax class uint8 (y, x), the same pyramid, class colours
+    /confidence        image: the label's probability uint8 (y, x) = round(p * 255), the same
+                       pyramid (2x2 mean of non-zero pixels); 0 = no prediction (``confidence.py``)
     attribute wsi_espnet: model, classes, mpp, tile, halo, slide {path, mpp, dimensions,
                        bounds_offset}, status
 
@@ -32,11 +34,12 @@ import numpy as np
 import zarr
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo, as_class_infos
+from wsi_espnet.confidence import CONFIDENCE_NAME
 from wsi_espnet.errors import OutputError
 from wsi_espnet.grid import Chunk, TileGrid
-from wsi_espnet.ngff import LABEL_NAME, ngff_metadata, pyramid_shapes
+from wsi_espnet.ngff import LABEL_NAME, confidence_metadata, ngff_metadata, pyramid_shapes
 from wsi_espnet.outputs import SlideOutput, find_store
-from wsi_espnet.pyramid import build_levels, write_unit
+from wsi_espnet.pyramid import build_levels, build_mean_levels, write_unit
 
 ATTRS_KEY = "wsi_espnet"
 STATUSES = ("running", "complete")
@@ -96,9 +99,13 @@ class SlideStore:
         tissue = root.create_group("labels", attributes=meta.labels).create_group(
             LABEL_NAME, attributes=meta.label_image
         )
+        confidence = root.create_group(
+            CONFIDENCE_NAME, attributes=confidence_metadata(mpp, len(shapes), zarr_format)
+        )
         for level, (h, w) in enumerate(shapes):
             _create_array(root, str(level), (len(class_infos), h, w), grid.tile, zarr_format)
             _create_array(tissue, str(level), (h, w), grid.tile, zarr_format)
+            _create_array(confidence, str(level), (h, w), grid.tile, zarr_format)
         return cls(path, root)
 
     @classmethod
@@ -195,6 +202,12 @@ class SlideStore:
         """The per-class scores (c, y, x) uint8 of pyramid ``level``."""
         return self._group[str(level)]  # type: ignore[return-value]
 
+    def confidence(self, level: int = 0) -> zarr.Array | None:
+        """The label's probability (y, x) uint8 ``round(p * 255)`` of ``level``; None for a store
+        written before the confidence layer existed."""
+        key = f"{CONFIDENCE_NAME}/{level}"
+        return self._group.get(key)  # type: ignore[return-value]
+
     def level_mpp(self, level: int) -> float:
         """µm per pixel of pyramid ``level`` (each level halves the resolution)."""
         return self.mpp * 2**level
@@ -254,11 +267,18 @@ class SlideStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def write_chunk(self, chunk_index: tuple[int, int], scores: np.ndarray, labels: np.ndarray) -> None:
+    def write_chunk(
+        self,
+        chunk_index: tuple[int, int],
+        scores: np.ndarray,
+        labels: np.ndarray,
+        *,
+        confidence: np.ndarray | None = None,
+    ) -> None:
         """Write exactly level-0 chunk ``(iy, ix)``: whole chunks (shards) only, so no locks.
 
-        ``scores`` is (C, h, w) and ``labels`` (h, w), where (h, w) is the chunk clipped to
-        the array (smaller at the bottom and right edges).
+        ``scores`` is (C, h, w) and ``labels`` and ``confidence`` (h, w), where (h, w) is the
+        chunk clipped to the array (smaller at the bottom and right edges).
         """
         grid = self.grid
         rows, cols = grid.grid_shape
@@ -269,6 +289,13 @@ class SlideStore:
             raise ValueError(f"chunk {chunk_index} needs scores (C, {c.h}, {c.w}) and labels ({c.h}, {c.w})")
         self.scores(0)[:, c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = scores.astype(np.uint8, copy=False)
         self.labels(0)[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = labels.astype(np.uint8, copy=False)
+        if confidence is not None:
+            target = self.confidence(0)
+            if target is None:
+                raise OutputError("has no confidence layer (written by an older version)", self.path)
+            if confidence.shape != (c.h, c.w):
+                raise ValueError(f"chunk {chunk_index} needs confidence ({c.h}, {c.w})")
+            target[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = confidence.astype(np.uint8, copy=False)
 
     def build_pyramid(self, written: Iterable[tuple[int, int]] | None = None, client: Any = None) -> None:
         """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded).
@@ -276,8 +303,11 @@ class SlideStore:
         ``written`` lists the level-0 chunks that hold results (all when None): only they and
         their parents are visited.
         """
+        written = None if written is None else list(written)
         levels = [(self.scores(n), self.labels(n)) for n in range(self.n_levels)]
         build_levels(levels, written, client)
+        if self.confidence(0) is not None:
+            build_mean_levels([self.confidence(n) for n in range(self.n_levels)], written, client)
 
 
 def open_store(target: str | Path | SlideStore) -> SlideStore:

@@ -53,12 +53,14 @@ class StageTimes:
 
 @dataclass(frozen=True)
 class BlockOutput:
-    """One block's network input and its halo-cropped output (scores (C, h, w), labels (h, w))."""
+    """One block's network input and its halo-cropped output (scores (C, h, w), labels (h, w),
+    confidence (h, w))."""
 
     block: Block
     window: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    confidence: np.ndarray | None = None
 
     def chunks(self, grid: TileGrid) -> Iterator[ChunkPrediction]:
         """(chunk, scores, labels) of each owned chunk: views, clipped to the slide at its edges."""
@@ -66,6 +68,12 @@ class BlockOutput:
             chunk = grid.chunk(index)
             ys, xs = self.block.core_slices(grid, chunk)
             yield chunk, self.scores[:, ys, xs], self.labels[ys, xs]
+
+    def chunk_confidence(self, grid: TileGrid, chunk: Chunk) -> np.ndarray | None:
+        """The confidence (h, w) of one owned ``chunk`` (a view), None when not computed."""
+        if self.confidence is None:
+            return None
+        return self.confidence[self.block.core_slices(grid, chunk)]
 
 
 def _read_batch(read_window: ReadWindow, grid: TileGrid, batch: list[Block], times: StageTimes) -> np.ndarray:
@@ -100,20 +108,25 @@ def infer_blocks(
             if k + 1 < len(batches):
                 pending = reader.submit(_read_batch, read_window, grid, batches[k + 1], times)
             t0 = time.perf_counter()
-            prediction = predictor.predict(windows, crop=grid.halo, tissue_only=options.tissue_only)
+            prediction = predictor.predict(
+                windows, crop=grid.halo, tissue_only=options.tissue_only, tta=options.tta
+            )
             times.inference_s += time.perf_counter() - t0
             times.input_pixels += windows.shape[0] * windows.shape[1] * windows.shape[2]
             for j, block in enumerate(batch):
-                yield BlockOutput(block, windows[j], prediction.scores[j], prediction.labels[j])
+                confidence = None if prediction.confidence is None else prediction.confidence[j]
+                yield BlockOutput(block, windows[j], prediction.scores[j], prediction.labels[j], confidence)
 
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How :func:`infer_blocks` runs: blocks per forward pass, tissue-only labels, a timer."""
+    """How :func:`infer_blocks` runs: blocks per forward pass, tissue-only labels, a timer, and
+    the number of test-time augmentation views (:mod:`wsi_espnet.tta`)."""
 
     batch_size: int = 1
     tissue_only: bool = False
     times: StageTimes | None = None
+    tta: int = 1
 
 
 def image_reader(image: np.ndarray) -> ReadWindow:
@@ -136,14 +149,20 @@ def slide_reader(slide: Slide, mpp: float) -> ReadWindow:
 
 
 def infer_image(
-    image: np.ndarray, predictor: Predictor, tile: int = 512, halo: int = 256, block_chunks: int | None = None
+    image: np.ndarray,
+    predictor: Predictor,
+    tile: int = 512,
+    halo: int = 256,
+    block_chunks: int | None = None,
+    options: RunOptions | None = None,
 ) -> Prediction:
-    """Scores (C, H, W) and labels (H, W) of a whole RGB image, tiled exactly as ``segment`` tiles
-    a slide with ``--no-tissue-detection``: the same grid, halo, block plan and white margin.
+    """Scores (C, H, W), labels and confidence (H, W) of a whole RGB image, tiled exactly as
+    ``segment`` tiles a slide with ``--no-tissue-detection``: the same grid, halo, block plan
+    and white margin.
 
     ``block_chunks`` defaults to what :func:`choose_block_chunks` picks for the predictor's
     device at batch 1, as ``segment`` does; pass ``segment``'s ``--block`` choice to match a run
-    made with it.
+    made with it. ``options`` passes ``tta`` (and ``tissue_only``) through to the predictor.
     """
     image = np.asarray(image, dtype=np.uint8)
     grid = TileGrid(image.shape[:2], tile, halo)
@@ -151,12 +170,14 @@ def infer_image(
     blocks = plan_blocks(grid.chunks, grid, k)
     scores: np.ndarray | None = None  # its class count is the network's, known from the first block
     labels = np.empty(grid.shape, np.uint8)
-    outputs = infer_blocks(image_reader(image), predictor, blocks, grid)
-    for chunk, chunk_scores, chunk_labels in (c for out in outputs for c in out.chunks(grid)):
-        if scores is None:
-            scores = np.empty((chunk_scores.shape[0], *grid.shape), np.uint8)
-        box = slice(chunk.y0, chunk.y0 + chunk.h), slice(chunk.x0, chunk.x0 + chunk.w)
-        scores[(slice(None), *box)] = chunk_scores
-        labels[box] = chunk_labels
+    confidence = np.zeros(grid.shape, np.uint8)
+    for out in infer_blocks(image_reader(image), predictor, blocks, grid, options):
+        for chunk, chunk_scores, chunk_labels in out.chunks(grid):
+            if scores is None:
+                scores = np.empty((chunk_scores.shape[0], *grid.shape), np.uint8)
+            box = slice(chunk.y0, chunk.y0 + chunk.h), slice(chunk.x0, chunk.x0 + chunk.w)
+            scores[(slice(None), *box)] = chunk_scores
+            labels[box] = chunk_labels
+            confidence[box] = out.chunk_confidence(grid, chunk)
     assert scores is not None  # a grid has at least one chunk
-    return Prediction(scores, labels)
+    return Prediction(scores, labels, confidence)

@@ -20,6 +20,7 @@ from wsi_espnet.export.geojson import write_geojson
 from wsi_espnet.export.ometiff import write_ome_tiff
 from wsi_espnet.export.overlay import write_overlay
 from wsi_espnet.export.report import write_report
+from wsi_espnet.export.uncertain import uncertain_threshold
 from wsi_espnet.outputs import FORMATS
 from wsi_espnet.store import SlideStore, open_store
 
@@ -81,6 +82,8 @@ def export_all(
         options: dict[str, float] = {}
         if settings.geojson_min_area_um2 is not None:
             options["min_area_um2"] = settings.geojson_min_area_um2
+        if settings.geojson_uncertain and store.confidence(0) is not None:
+            options["uncertain"] = uncertain_threshold(store, settings.low_confidence)
         written["geojson"] = [
             write_geojson(store, f"{base}.geojson", per_region=settings.geojson_per_region, **options)
         ]

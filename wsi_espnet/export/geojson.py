@@ -30,6 +30,7 @@ pyramid level that fits: below the simplification tolerance the extra detail is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.errors import ConfigError, OutputError
 from wsi_espnet.export.bands import iter_regions
 from wsi_espnet.export.geojson_file import CollectionWriter
+from wsi_espnet.export.uncertain import UNCERTAIN, uncertain_regions
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
 
@@ -76,11 +78,14 @@ def write_geojson(
     min_area_um2: float = DEFAULT_MIN_AREA_UM2,
     simplify_px: float = DEFAULT_SIMPLIFY_PX,
     frame: Frame = Frame(),
+    uncertain: float | None = None,
 ) -> Path:
     """Write a FeatureCollection of locked annotations: per class (in parts), or per connected region.
 
     ``simplify_px`` is the simplification tolerance in analysis pixels (0 keeps pixel edges).
-    A store without tissue gives a valid FeatureCollection without features.
+    ``uncertain`` (a confidence threshold) adds the class "Uncertain": tissue whose confidence
+    is below it (:mod:`wsi_espnet.export.uncertain`). A store without tissue gives a valid
+    FeatureCollection without features.
     """
     outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
@@ -103,19 +108,25 @@ def write_geojson(
         "simplify_px": simplify_px,
         "level": level,
         "level_mpp": outputs.level_mpp(level),
+        "uncertain_below": uncertain,
     }
     roi = read_output_roi(outputs)
     clip = None if roi is None else roi.at_level(level)  # --roi: outlines follow the drawn boundary
     if clip is not None:
         shapely.prepare(clip)
         settings["roi"] = outputs.output.roi_geojson.name
+    tolerance = simplify_px / 2**level
+    regions = iter_regions(outputs.labels(level), tolerance)
+    if uncertain is not None and UNCERTAIN.value not in known:
+        known[UNCERTAIN.value] = UNCERTAIN
+        regions = itertools.chain(regions, uncertain_regions(outputs, level, uncertain, tolerance))
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             tissue_um2 = _tissue_um2(outputs, level)
             writer = CollectionWriter(
                 Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
             )
-            for region in iter_regions(outputs.labels(level), simplify_px / 2**level):
+            for region in regions:
                 info = known.get(region.value)
                 if info is None:
                     continue

@@ -1,5 +1,8 @@
 """A PNG a person can look at: the slide thumbnail with class colours blended over tissue, and a legend.
 
+When the store has a confidence layer, a confidence view is drawn to the right of the class view
+(:mod:`wsi_espnet.export.confidence_view`).
+
 The labels come from the coarsest pyramid level that still covers the thumbnail's size, read
 with a stride when even that level is much larger, so the whole overlay costs a few megabytes
 whatever the slide size. Background (label 0) is left untouched so glass stays glass.
@@ -14,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
+from wsi_espnet.export.confidence_view import legend_lines, with_confidence_view
 from wsi_espnet.export.roi_views import OUTLINE_COLOR, draw_outline
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
@@ -67,6 +71,7 @@ def render_overlay(
     roi = read_output_roi(outputs)
     if roi is not None:  # --roi: the region the slide was segmented in
         draw_outline(picture, roi, outputs.shape)
+    picture = with_confidence_view(picture, outputs, tissue)
     return _with_legend(picture, outputs, stats, roi is not None)
 
 
@@ -95,6 +100,7 @@ def _with_legend(
     if roi:
         roi_area = (stats or {}).get("roi_area_mm2")
         lines.append((OUTLINE_COLOR, "ROI outline" + (f"  {roi_area:.3f} {AREA_UNIT}" if roi_area else "")))
+    lines += legend_lines(outputs, stats)
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
     canvas.paste(picture, (0, 0))

@@ -68,7 +68,7 @@ def render_report(outputs: SlideStore, slide_thumbnail: np.ndarray | None) -> st
         f"<h1>{title}</h1>",
         _status(outputs, run),
         _model_caveat(run.get("model"), outputs.attrs.get("model")),
-        f'<img alt="class overlay" src="data:image/png;base64,{overlay}">',
+        f'<img alt="class overlay and confidence view" src="data:image/png;base64,{overlay}">',
         "<h2>Tissue classes</h2>",
         _statistics_table(outputs, stats, geojson),
         roi_table_html(stats),
@@ -133,6 +133,7 @@ def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None, geojson
     exported = {}
     if geojson:
         exported = {int(row["value"]): row for row in geojson.get("classes", []) if "value" in row}
+    confidence = stats.get("uncertain_fraction_of_tissue") is not None
     rows = []
     for row in stats.get("classes", []):
         label = int(row.get("label", -1))
@@ -147,6 +148,11 @@ def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None, geojson
         if geojson:
             kept = exported.get(label, {})
             cells += [_number(kept.get("area_mm2", 0.0), 4), _number(kept.get("specks_dropped_mm2", 0.0), 4)]
+        if confidence:
+            cells += [
+                _number(row.get("mean_confidence"), 3),
+                _number(100 * _or0(row, "low_confidence_fraction"), 1),
+            ]
         rows.append(f"<tr><td>{swatch}{escape(str(row.get('name', label)))}</td>" + "".join(cells) + "</tr>")
     header = (
         "<th>class</th><th>area (mm²)</th><th>% of tissue</th><th>regions</th><th>largest region (mm²)</th>"
@@ -157,14 +163,33 @@ def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None, geojson
         threshold = float(geojson.get("min_area_um2", 0.0))
         note = (
             f"<p>The GeoJSON leaves out connected regions smaller than {threshold:g} µm² (specks); "
-            "the last two columns give what it keeps and what it drops per class.</p>\n"
+            "the two GeoJSON columns give what it keeps and what it drops per class.</p>\n"
         )
+    if confidence:
+        header += "<th>mean confidence</th><th>% low confidence</th>"
     tissue = float(stats.get("tissue_area_mm2", 0.0))
+    note += confidence_note(stats)
     return (
         f"<p>Tissue area: {tissue:.4f} mm²</p>\n{note}<table>\n<tr>{header}</tr>\n"
         + "\n".join(rows)
         + "\n</table>"
     )
+
+
+def confidence_note(stats: dict[str, Any]) -> str:
+    """The uncertain share of the tissue and the threshold, as a paragraph ('' without confidence)."""
+    share, threshold = stats.get("uncertain_fraction_of_tissue"), stats.get("low_confidence_threshold")
+    if share is None or threshold is None:
+        return ""
+    return (
+        f"<p>Uncertain: {100 * float(share):.1f} % of the tissue has a confidence below "
+        f"{float(threshold):.2f} (the class's probability; right-hand panel of the overlay).</p>\n"
+    )
+
+
+def _or0(row: dict[str, Any], key: str) -> float:
+    value = row.get(key)
+    return float(value) if isinstance(value, (int, float)) else 0.0
 
 
 def _number(value: Any, digits: int) -> str:

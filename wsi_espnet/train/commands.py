@@ -12,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from wsi_espnet.cli_options import device_option, output_option
+from wsi_espnet.cli_options import device_option, output_option, tta_option
+from wsi_espnet.config import check_tta
 from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.models.cards import DEFAULT_MODEL, ModelCard, load_card
@@ -142,6 +143,7 @@ def _evaluation_samples(
 @click.option("--data-mpp", multiple=True, help=_DATA_MPP_HELP)
 @click.option("--slide-mpp", type=float, help="Level-0 µm/px for slides that do not record it.")
 @device_option()
+@tta_option()
 @output_option("out", "Write the metrics (with the confusion matrix) as JSON here.", "--out")
 def evaluate(
     model_name: str,
@@ -150,14 +152,16 @@ def evaluate(
     data_mpp: tuple[str, ...],
     slide_mpp: float | None,
     device: str,
+    tta: int,
     out: Path | None,
 ) -> None:
     """Per-class IoU, mIoU, pixel accuracy and confusion matrix of a model on labelled DATA
     (image/mask folders, or slides with QuPath annotations: only annotated pixels count)."""
+    check_tta(tta)  # before reading any data, like the device
     dev = resolve_device(device)  # before reading any data: a wrong device fails at once
     card = load_card(model_name)
     samples = _evaluation_samples(data, annotations, card, data_mpp, slide_mpp)
-    metrics = evaluate_model(card.build_model().to(dev), card, samples, dev)
+    metrics = evaluate_model(card.build_model().to(dev), card, samples, dev, tta=tta)
     click.echo(format_table(metrics))
     if out is not None:
         out.write_text(json.dumps(metrics, indent=2))

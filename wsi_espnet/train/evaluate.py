@@ -17,7 +17,7 @@ from torch import nn
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.models.cards import ModelCard
 from wsi_espnet.predict import Predictor
-from wsi_espnet.tiled import infer_image
+from wsi_espnet.tiled import RunOptions, infer_image
 from wsi_espnet.train.datasets import IGNORE_INDEX, Sample
 
 
@@ -55,15 +55,18 @@ def predict_labels(
     image: np.ndarray,
     device: torch.device | str = "cpu",
     geometry: tuple[int, int] = (SegmentSettings.tile, SegmentSettings.halo),
+    tta: int = 1,
 ) -> np.ndarray:
     """Argmax labels (H, W) uint8 of an RGB region at the model's mpp, tiled as ``segment`` tiles.
 
     ``geometry`` is (tile, halo), ``segment``'s defaults unless told otherwise. The region goes
     through :func:`wsi_espnet.tiled.infer_image`: the same chunk grid, block plan, halo and white
-    margin as a slide, so a score measured here is a score of what ``segment`` writes.
+    margin as a slide, so a score measured here is a score of what ``segment`` writes; ``tta`` as
+    ``segment --tta``.
     """
     tile, halo = geometry
-    return infer_image(image, Predictor(card, str(device), model=model), tile, halo).labels
+    predictor = Predictor(card, str(device), model=model)
+    return infer_image(image, predictor, tile, halo, options=RunOptions(tta=tta)).labels
 
 
 def evaluate_model(
@@ -72,14 +75,17 @@ def evaluate_model(
     samples: Sequence[Sample],
     device: torch.device | str = "cpu",
     geometry: tuple[int, int] = (SegmentSettings.tile, SegmentSettings.halo),
+    *,
+    tta: int = 1,
 ) -> dict[str, Any]:
     """Metrics of ``model`` over ``samples`` (only labelled pixels count), plus per-sample mIoU.
 
-    Each sample is predicted as :func:`predict_labels` predicts it (``segment``'s tiling)."""
+    Each sample is predicted as :func:`predict_labels` predicts it (``segment``'s tiling, and
+    its ``--tta``)."""
     total = np.zeros((card.n_classes, card.n_classes), np.int64)
     per_sample = {}
     for sample in samples:
-        predicted = predict_labels(model, card, sample.image, device, geometry)
+        predicted = predict_labels(model, card, sample.image, device, geometry, tta)
         cm = confusion_matrix(sample.labels, predicted, card.n_classes)
         per_sample[sample.name] = metrics_from_confusion(cm, [c.name for c in card.classes])["miou"]
         total += cm
