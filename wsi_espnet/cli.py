@@ -184,6 +184,12 @@ def _segment_options(func: Any) -> Any:
             type=click.Path(path_type=Path),
             help="Save Dask's performance report (HTML).",
         ),
+        click.option(
+            "--qc",
+            default=_D.qc,
+            show_default=True,
+            help="Artifact QC (pen, blur, fold): off, flag, or exclude them from the classes.",
+        ),
         click.option("--overwrite", is_flag=True, help="Redo slides whose output is complete."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table."),
         click.option(

@@ -15,6 +15,7 @@ from typing import Any
 
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.outputs import FORMATS as EXPORT_FORMATS
+from wsi_espnet.qc_kinds import MODES as QC_MODES
 from wsi_espnet.resources import load_yaml
 from wsi_espnet.tissue import TissueSettings
 
@@ -79,6 +80,7 @@ class SegmentSettings:
     adapt: tuple[int, int] | None = None
     scheduler: str | None = None  # address of a running Dask scheduler
     performance_report: Path | None = None
+    qc: str = "flag"  # artifact QC: off | flag (layer, areas, warnings) | exclude (also drop from classes)
 
     def validate(self) -> SegmentSettings:
         """Reject values that would silently produce wrong or seamed results."""
@@ -108,6 +110,8 @@ class SegmentSettings:
             raise ConfigError("--workers must be >= 0 and --threads >= 1")
         if self.adapt is not None:
             check_adapt(self.adapt)
+        if self.qc not in QC_MODES:
+            raise ConfigError(f"--qc must be one of {', '.join(QC_MODES)}, got {self.qc!r}")
         return self
 
     @property

@@ -27,6 +27,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.predict import get_predictor
+from wsi_espnet.qc import apply_qc, artifact_map
 from wsi_espnet.runstate import Failed, SlidePlan
 from wsi_espnet.slide import Slide
 from wsi_espnet.store import SlideStore
@@ -43,6 +44,7 @@ class Inferred:
     inference_s: float
     tissue_s: float
     write_s: float
+    qc_s: float = 0.0
 
 
 @lru_cache(maxsize=8)
@@ -86,7 +88,7 @@ def infer_task(plan: SlidePlan, blocks: list[Block], settings: InferenceSettings
         return Failed(plan.job, str(exc))
     chunks = sum(len(block.owned) for block in blocks)
     return Inferred(
-        chunks, times.input_pixels, times.read_s, times.inference_s, writer.tissue_s, writer.write_s
+        chunks, times.input_pixels, times.read_s, times.inference_s, writer.tissue_s, writer.write_s, writer.qc_s
     )
 
 
@@ -99,22 +101,31 @@ class _BlockWriter:
         self.progress = ProgressLog(plan.output.progress_dir)
         self.tissue_s = 0.0
         self.write_s = 0.0
+        self.qc_s = 0.0
 
     def write(self, output: BlockOutput) -> None:
         plan, grid, block = self.plan, self.plan.grid, output.block
         tissue = None
+        core = tuple(slice(grid.halo, grid.halo + n * grid.tile) for n in (block.rows, block.cols))
         if plan.mask_labels:
             # Tissue versus glass at analysis resolution, from the pixels already read, once for
             # the whole block core: the halo around it gives the refinement context on every side.
             t0 = time.perf_counter()
             wy, wx, _, _ = block.window(grid)
-            core = tuple(slice(grid.halo, grid.halo + n * grid.tile) for n in (block.rows, block.cols))
             tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
             self.tissue_s += time.perf_counter() - t0
+        artifacts = None
+        if plan.qc is not None:  # artifact QC from the same pixels, once per block core
+            t0 = time.perf_counter()
+            artifacts = artifact_map(output.window, plan.mpp, plan.qc.reference, plan.qc.settings, core)
+            self.qc_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         for chunk, scores, labels in output.chunks(grid):
             if tissue is not None:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
-            self.store.write_chunk(chunk.index, scores, labels)
+            flagged = None
+            if artifacts is not None and plan.qc is not None:
+                labels, flagged = apply_qc(labels, artifacts[block.core_slices(grid, chunk)], plan.qc.excludes)
+            self.store.write_chunk(chunk.index, scores, labels, artifacts=flagged)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

@@ -26,7 +26,16 @@ OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 STORE_SUFFIX = ".ome.zarr"
 #: The exports ``segment`` and ``export`` can write (names only: the writers live in ``export/``).
 FORMATS = ("geojson", "ometiff", "png", "html")
-SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "tiles_processed", "tissue_area_mm2", "output")
+SUMMARY_FIELDS = (
+    "slide",
+    "status",
+    "error",
+    "seconds",
+    "tiles_processed",
+    "tissue_area_mm2",
+    "output",
+    "warnings",
+)
 
 
 def slide_stem(path: Path) -> str:
@@ -119,6 +128,11 @@ class SlideOutput:
     @property
     def stats_csv(self) -> Path:
         return self.file(".stats.csv")
+
+    @property
+    def artifacts_csv(self) -> Path:
+        """Artifact QC's areas per kind (``--qc flag|exclude``), apart from the class table."""
+        return self.file(".artifacts.csv")
 
     @property
     def progress_dir(self) -> Path:

@@ -45,6 +45,18 @@ def build_levels(
         current = set(parents)
 
 
+def build_label_levels(
+    levels: list[zarr.Array], written: Iterable[ChunkIndex] | None = None, client: Any = None
+) -> None:
+    """Fill a label layer's levels 1..n (mode 2x2) from level 0, as :func:`build_levels` does."""
+    current = set(written) if written is not None else set(_all_units(levels[0]))
+    for above, target in itertools.pairwise(levels):
+        parents = sorted({(iy // 2, ix // 2) for iy, ix in current})
+        tasks = [dask.delayed(_write_parent)(above, target, index, _mode_2x2) for index in parents]
+        dask.compute(*tasks, scheduler=client if client is not None else "threads")
+        current = set(parents)
+
+
 def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
     unit = write_unit(array)
     rows, cols = (-(-n // u) for n, u in zip(array.shape[-2:], unit[-2:], strict=True))

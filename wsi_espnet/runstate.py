@@ -20,6 +20,7 @@ from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput, slide_file_record
+from wsi_espnet.qc import SlideQc
 from wsi_espnet.tissue import TissueMask
 
 LIBRARIES = ("torch", "numpy", "dask", "distributed", "zarr", "tifffile", "openslide-python", "tiffslide")
@@ -165,6 +166,7 @@ class SlidePlan:
     blocks: tuple[Block, ...]  # still to infer; each owns its chunks
     tissue: TissueMask
     mask_labels: bool
+    qc: SlideQc | None = None  # None: --qc off
 
     @property
     def n_todo(self) -> int:

@@ -38,6 +38,7 @@ from skimage import measure
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
+from wsi_espnet.qc_stats import artifact_statistics
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
 
@@ -259,6 +260,7 @@ def compute_statistics(
         "tissue_area_mm2": tissue_pixels * mpp**2 / 1e6,
         "classes": rows,
         "fragments": _fragment_table(parts, store.classes, mpp, level0_scale, limits),
+        **artifact_statistics(store, chunks, tissue_pixels, client),
     }
 
 
