@@ -30,6 +30,7 @@ pyramid level that fits: below the simplification tolerance the extra detail is 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -47,6 +48,7 @@ from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.errors import ConfigError, OutputError
 from wsi_espnet.export.bands import iter_regions
 from wsi_espnet.export.geojson_file import CollectionWriter
+from wsi_espnet.export.qc_layers import artifact_regions
 from wsi_espnet.store import SlideStore, open_store
 
 DEFAULT_MIN_AREA_UM2 = 100.0  # about a 10 µm x 10 µm speck: smaller than a few cells
@@ -109,8 +111,9 @@ def write_geojson(
             writer = CollectionWriter(
                 Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
             )
-            for region in iter_regions(outputs.labels(level), simplify_px / 2**level):
-                info = known.get(region.value)
+            tolerance = simplify_px / 2**level
+            classes = ((known.get(r.value), r) for r in iter_regions(outputs.labels(level), tolerance))
+            for info, region in itertools.chain(classes, artifact_regions(outputs, level, tolerance)):
                 if info is None:
                     continue
                 if region.pixels * level_px_um2 < min_area_um2:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
+from wsi_espnet.export.qc_layers import draw_artifacts, legend_lines
 from wsi_espnet.store import SlideStore, open_store
 
 ALPHA = 0.45
@@ -61,6 +62,7 @@ def render_overlay(
     tissue = np.isin(labels, [c.value for c in outputs.tissue_classes])  # never background
     blended = base.astype(np.float32)
     blended[tissue] = (1 - ALPHA) * blended[tissue] + ALPHA * colors[labels[tissue]]
+    blended = draw_artifacts(outputs, blended)
     picture = Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
     return _with_legend(picture, outputs, stats)
 
@@ -85,6 +87,7 @@ def _with_legend(picture: Image.Image, outputs: SlideStore, stats: dict[str, Any
     for info in outputs.tissue_classes:
         area = f"  {areas[info.value]:.3f} {AREA_UNIT}" if info.value in areas else ""
         lines.append((info.color, f"{info.name}{area}"))
+    lines += legend_lines(stats)
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
     canvas.paste(picture, (0, 0))
