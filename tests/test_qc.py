@@ -116,7 +116,9 @@ def test_ynet_rois_are_barely_flagged(shared_data, tmp_path):
         mpp = 0.25 * float(png.stem.rsplit("_", 1)[1])
         slide = tmp_path / f"{png.stem}.tif"
         pixels = np.asarray(Image.open(png).convert("RGB"))
-        tifffile.imwrite(slide, pixels, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+        tifffile.imwrite(
+            slide, pixels, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER"
+        )
         fraction, plan = _flagged_fraction(slide)
         assert fraction < 0.02 and not plan.reference.warnings, (png.name, fraction, plan.reference)
 
@@ -155,16 +157,18 @@ def painted_runs(shared_data, tissue_card, tmp_path_factory):
         mode: _segment(path, folder / mode, tissue_card, qc=mode, zarr_format=fmt)
         for mode, fmt in (("flag", 2), ("exclude", 3))
     }
-    return runs, truth, mpp
+    return runs, truth
 
 
 def test_segment_flags_the_painted_strokes_in_the_store(painted_runs):
-    runs, truth, mpp = painted_runs
+    runs, truth = painted_runs
     store, folder, _ = runs["flag"]
     artifacts, labels = store.artifacts(0)[:], store.labels(0)[:]
     # The painted mask on the analysis grid: the share of each analysis pixel that was painted.
     height, width = labels.shape
-    share = np.asarray(Image.fromarray(truth.astype(np.float32)).resize((width, height), Image.Resampling.BOX))
+    share = np.asarray(
+        Image.fromarray(truth.astype(np.float32)).resize((width, height), Image.Resampling.BOX)
+    )
     tissue = labels != 0  # artifacts are only stored on labelled tissue
     assert iou((artifacts == PEN) & tissue, (share > 0.5) & tissue) >= 0.7
     assert store.artifacts(1).shape == store.labels(1).shape  # its own mode pyramid
@@ -184,7 +188,7 @@ def test_segment_flags_the_painted_strokes_in_the_store(painted_runs):
 
 
 def test_exclude_removes_exactly_the_flagged_tissue(painted_runs):
-    runs, _, _ = painted_runs
+    runs, _ = painted_runs
     flag_store, flag_folder, flag_result = runs["flag"]
     store, folder, result = runs["exclude"]
     flagged = flag_store.artifacts(0)[:]
@@ -200,7 +204,9 @@ def test_exclude_removes_exactly_the_flagged_tissue(painted_runs):
     assert flag_result.tissue_area_mm2 - result.tissue_area_mm2 == pytest.approx(area)
     for row_before, row_after in zip(flag_stats["classes"], stats["classes"], strict=True):
         value = row_before["label"]
-        assert row_before["pixels"] - row_after["pixels"] == np.count_nonzero((before == value) & (flagged != 0))
+        assert row_before["pixels"] - row_after["pixels"] == np.count_nonzero(
+            (before == value) & (flagged != 0)
+        )
     # Fractions are of the tissue before exclusion, so both runs report the same artifact shares.
     for kind, row in stats["artifacts"].items():
         assert row["fraction_of_tissue"] == pytest.approx(flag_stats["artifacts"][kind]["fraction_of_tissue"])
@@ -211,7 +217,9 @@ def test_artifacts_layer_validates_with_ome_zarr_models(painted_runs, mode):
     import importlib
 
     store, _, _ = painted_runs[0][mode]
-    models = importlib.import_module("ome_zarr_models.v04" if store.zarr_format == 2 else "ome_zarr_models.v05")
+    models = importlib.import_module(
+        "ome_zarr_models.v04" if store.zarr_format == 2 else "ome_zarr_models.v05"
+    )
     group = zarr.open_group(store.path, mode="r")
     models.Image.from_zarr(group)
     label = models.ImageLabel.from_zarr(group["labels/artifacts"])
@@ -224,7 +232,7 @@ def test_artifacts_layer_validates_with_ome_zarr_models(painted_runs, mode):
 
 
 def test_exports_show_the_artifacts(painted_runs):
-    store, folder, _ = painted_runs[0]["flag"]
+    _, folder, _ = painted_runs[0]["flag"]
     collection = json.loads((folder / "painted.geojson").read_text())
     pens = [f for f in collection["features"] if f["properties"]["classification"]["name"] == "Artifact: pen"]
     assert pens and all(f["properties"]["isLocked"] for f in pens)
@@ -239,7 +247,7 @@ def test_exports_show_the_artifacts(painted_runs):
 
 
 def test_qc_off_writes_no_artifacts_layer(small_slide, tissue_card, tmp_path):
-    store, folder, result = _segment(small_slide, tmp_path, tissue_card, qc="off", tile=256, formats=("png",))
+    store, folder, _ = _segment(small_slide, tmp_path, tissue_card, qc="off", tile=256, formats=("png",))
     assert store.artifacts(0) is None and store.qc_mode == "off"
     stats = json.loads((folder / "small.stats.json").read_text())
     assert stats["qc"] == "off" and stats["artifacts"] == {}
@@ -254,12 +262,15 @@ def test_fluorescence_slide_is_not_reported_as_all_artifact_without_a_warning(ti
     yy, xx = np.mgrid[0:size, 0:size]
     pixels = rng.normal(8, 3, (size, size, 3))
     for _ in range(40):
-        cy, cx, radius = rng.uniform(100, size - 100, 2).tolist() + [rng.uniform(10, 30)]
+        cy, cx = rng.uniform(100, size - 100, 2)
+        radius = rng.uniform(10, 30)
         blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
         channel = 1 if rng.random() < 0.6 else 2  # FITC green, DAPI blue
         pixels[..., channel] += 230 * blob
     slide = _write_tiff(tmp_path / "fluo.tif", np.clip(pixels, 0, 255).astype(np.uint8), 0.5)
-    store, folder, result = _segment(slide, tmp_path / "out", tissue_card, qc="exclude", tile=256, formats=("html",))
+    _, folder, result = _segment(
+        slide, tmp_path / "out", tissue_card, qc="exclude", tile=256, formats=("html",)
+    )
     run = json.loads((folder / "run.json").read_text())
     assert any("not a bright-field" in w for w in run["warnings"]), run["warnings"]
     assert any("exclude was not applied" in w for w in run["warnings"])
@@ -274,11 +285,16 @@ def test_fluorescence_slide_is_not_reported_as_all_artifact_without_a_warning(ti
 def test_store_without_qc_has_no_artifacts_and_refuses_them(tmp_path):
     from wsi_espnet.grid import TileGrid
 
-    classes = [{"value": 0, "name": "background", "color": [0, 0, 0]}, {"value": 1, "name": "a", "color": [1, 2, 3]}]
+    classes = [
+        {"value": 0, "name": "background", "color": [0, 0, 0]},
+        {"value": 1, "name": "a", "color": [1, 2, 3]},
+    ]
     plain = SlideStore.create(tmp_path / "a.ome.zarr", TileGrid((600, 600), 256, 0), 1.0, classes)
     assert plain.artifacts(0) is None and plain.qc_mode == "off"
     with pytest.raises(ValueError, match="artifacts"):
-        plain.write_chunk((0, 0), np.zeros((2, 256, 256)), np.zeros((256, 256)), artifacts=np.ones((256, 256)))
+        plain.write_chunk(
+            (0, 0), np.zeros((2, 256, 256)), np.zeros((256, 256)), artifacts=np.ones((256, 256))
+        )
     qc = SlideStore.create(tmp_path / "b.ome.zarr", TileGrid((600, 600), 256, 0), 1.0, classes, qc="exclude")
     qc.write_chunk((0, 0), np.zeros((2, 256, 256)), np.ones((256, 256)), artifacts=np.full((256, 256), 2))
     qc.build_pyramid([(0, 0)])

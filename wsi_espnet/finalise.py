@@ -19,8 +19,8 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all, read_slide_thumbnail
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
-from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
 from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
+from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
 from wsi_espnet.stats import compute_statistics, write_statistics
 from wsi_espnet.store import SlideStore
 

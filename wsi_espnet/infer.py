@@ -88,7 +88,13 @@ def infer_task(plan: SlidePlan, blocks: list[Block], settings: InferenceSettings
         return Failed(plan.job, str(exc))
     chunks = sum(len(block.owned) for block in blocks)
     return Inferred(
-        chunks, times.input_pixels, times.read_s, times.inference_s, writer.tissue_s, writer.write_s, writer.qc_s
+        chunks,
+        times.input_pixels,
+        times.read_s,
+        times.inference_s,
+        writer.tissue_s,
+        writer.write_s,
+        writer.qc_s,
     )
 
 
@@ -125,7 +131,9 @@ class _BlockWriter:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
             flagged = None
             if artifacts is not None and plan.qc is not None:
-                labels, flagged = apply_qc(labels, artifacts[block.core_slices(grid, chunk)], plan.qc.excludes)
+                labels, flagged = apply_qc(
+                    labels, artifacts[block.core_slices(grid, chunk)], plan.qc.excludes
+                )
             self.store.write_chunk(chunk.index, scores, labels, artifacts=flagged)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

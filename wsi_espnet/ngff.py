@@ -122,5 +122,6 @@ def extra_label_metadata(
         "multiscales": [_multiscale(name, ["y", "x"], mpp, n_levels, "mode 2x2", version)],
         "image-label": _image_label(values, version),
     }
-    return NgffMetadata({}, _wrap({"labels": [LABEL_NAME, name]}, zarr_format), _wrap(label_image, zarr_format))
-
+    return NgffMetadata(
+        {}, _wrap({"labels": [LABEL_NAME, name]}, zarr_format), _wrap(label_image, zarr_format)
+    )

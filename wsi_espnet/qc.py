@@ -295,7 +295,9 @@ def slide_qc(slide: Slide, tissue: TissueMask, mpp: float, mode: str) -> SlideQc
             masks.append(inside)
             glass.append(color.rgb2hsv(rgb)[..., 2][~inside])
     outside = np.concatenate(glass) if glass else np.zeros(0)
-    glass_value = float(np.median(outside)) if outside.size > 0.05 * SAMPLE_SIDE**2 * max(len(tiles), 1) else None
+    glass_value = (
+        float(np.median(outside)) if outside.size > 0.05 * SAMPLE_SIDE**2 * max(len(tiles), 1) else None
+    )
     reference = estimate_reference(tiles, mpp, masks, glass_value)
     if mode == "exclude" and reference.warnings:
         warning = "--qc exclude was not applied (artifacts are only flagged) because of the warning above"

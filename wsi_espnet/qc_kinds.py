@@ -1,4 +1,4 @@
-"""The artifact kinds of QC and the ``--qc`` modes: names only, so the store and exporters import nothing heavy.
+"""The artifact kinds of QC and the ``--qc`` modes: names only, so the store and exporters stay light.
 
 Values of the ``labels/artifacts`` image-label: 0 none, 1 pen ink, 2 out of focus (blur),
 3 tissue fold. The detector lives in :mod:`wsi_espnet.qc`.
@@ -24,5 +24,5 @@ GEOJSON_VALUE_OFFSET = 256  # GeoJSON summary values of artifact classes: 256 + 
 
 
 def geojson_class(kind: ClassInfo) -> ClassInfo:
-    """The QuPath class an artifact kind is exported as (``Artifact: pen``), keyed apart from tissue classes."""
+    """The QuPath class of an artifact kind (``Artifact: pen``), keyed apart from the tissue classes."""
     return ClassInfo(GEOJSON_VALUE_OFFSET + kind.value, f"{GEOJSON_PREFIX}{kind.name}", kind.color)

@@ -200,8 +200,7 @@ class SlideStore:
 
     def artifacts(self, level: int = 0) -> zarr.Array | None:
         """QC's artifact map (y, x) uint8 of pyramid ``level``; None for a store without QC."""
-        key = f"labels/{ARTIFACTS_NAME}/{level}"
-        return self._group[key] if key in self._group else None  # type: ignore[return-value]
+        return self._group.get(f"labels/{ARTIFACTS_NAME}/{level}")  # type: ignore[return-value]
 
     @property
     def qc_mode(self) -> str:

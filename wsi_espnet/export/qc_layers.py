@@ -72,7 +72,9 @@ def legend_lines(stats: dict[str, Any] | None) -> list[tuple[tuple[int, int, int
     lines: list[tuple[tuple[int, int, int] | None, str]] = [(None, f"artifacts (QC {stats.get('qc')}):")]
     for kind in FLAGGED:
         row = table.get(kind.name, {})
-        lines.append((kind.color, f"{kind.name}  {float(row.get('area_mm2', 0.0)):.3f} {AREA_UNIT} (hatched)"))
+        lines.append(
+            (kind.color, f"{kind.name}  {float(row.get('area_mm2', 0.0)):.3f} {AREA_UNIT} (hatched)")
+        )
     return lines
 
 
@@ -93,8 +95,8 @@ def report_section(stats: dict[str, Any] | None) -> str:
         r, g, b = kind.color
         rows.append(
             f'<tr><td><span class="swatch" style="background: rgb({r}, {g}, {b})"></span>'
-            f"{escape(kind.name)}</td><td class=\"num\">{float(row.get('area_mm2', 0.0)):.4f}</td>"
-            f"<td class=\"num\">{100 * float(row.get('fraction_of_tissue', 0.0)):.2f}</td></tr>"
+            f'{escape(kind.name)}</td><td class="num">{float(row.get("area_mm2", 0.0)):.4f}</td>'
+            f'<td class="num">{100 * float(row.get("fraction_of_tissue", 0.0)):.2f}</td></tr>'
         )
     return (
         f"<p>QC mode <b>{escape(mode)}</b>. {effect} Hatched in the overlay; in the GeoJSON as "
