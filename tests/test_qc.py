@@ -11,17 +11,24 @@ import pytest
 import tifffile
 import zarr
 from PIL import Image
-from qc_paint import blur_band, fold, iou, paint_strokes
 from skimage import color
 
+from benchmarks.qc_paint import (
+    analyse,
+    blur_band,
+    flagged_fractions,
+    fluorescence_image,
+    fold,
+    iou,
+    paint_strokes,
+)
 from wsi_espnet.config import load_settings
 from wsi_espnet.pipeline import run_segment
-from wsi_espnet.qc import artifact_map, slide_qc
+from wsi_espnet.qc import artifact_map
 from wsi_espnet.qc_kinds import BLUR, FOLD, PEN
 from wsi_espnet.runstate import SlideJob
 from wsi_espnet.slide import Slide
 from wsi_espnet.store import SlideStore
-from wsi_espnet.tissue import detect_tissue
 
 MPP = 1.0  # the shipped card's analysis resolution
 CMU1 = "wsi_aperio_cmu1_small_region/CMU-1-Small-Region.svs"
@@ -32,19 +39,9 @@ UNPAINTED = [
 ]
 
 
-def _analyse(path, mode="flag"):
-    """What segment's prepare and infer see: the slide at 1 µm/px, its refined tissue and QC plan."""
-    with Slide.open(path) as slide:
-        tissue = detect_tissue(slide)
-        height, width = slide.analysis_shape(MPP)
-        image = slide.read_region(0, 0, width, height, MPP)
-        plan = slide_qc(slide, tissue, MPP, mode)
-    return image, tissue.refine(image, 0, 0, MPP), plan
-
-
 @pytest.fixture(scope="module")
 def cmu1(shared_data):
-    return _analyse(shared_data / CMU1)
+    return analyse(shared_data / CMU1, MPP)
 
 
 def test_painted_pen_strokes_are_found(cmu1):
@@ -84,16 +81,10 @@ def test_a_fold_is_found(cmu1):
     assert np.count_nonzero(found & ~double) < 0.01 * np.count_nonzero(tissue)
 
 
-def _flagged_fraction(path):
-    image, tissue, plan = _analyse(path)
-    flagged = artifact_map(image, MPP, plan.reference) != 0
-    return np.count_nonzero(flagged & tissue) / np.count_nonzero(tissue), plan
-
-
 @pytest.mark.parametrize("relative", UNPAINTED, ids=["svs", "generic-tiff", "ome-tiff"])
 def test_unpainted_slides_are_barely_flagged(shared_data, relative):
-    fraction, plan = _flagged_fraction(shared_data / relative)
-    assert fraction < 0.02 and not plan.reference.warnings, (fraction, plan.reference)
+    fractions, plan = flagged_fractions(shared_data / relative, MPP)
+    assert sum(fractions.values()) < 0.02 and not plan.reference.warnings, (fractions, plan.reference)
 
 
 def test_tissue_marking_dye_is_not_taken_for_ink(cmu1):
@@ -119,8 +110,8 @@ def test_ynet_rois_are_barely_flagged(shared_data, tmp_path):
         tifffile.imwrite(
             slide, pixels, photometric="rgb", resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER"
         )
-        fraction, plan = _flagged_fraction(slide)
-        assert fraction < 0.02 and not plan.reference.warnings, (png.name, fraction, plan.reference)
+        fractions, plan = flagged_fractions(slide, MPP)
+        assert sum(fractions.values()) < 0.02 and not plan.reference.warnings, (png.name, fractions)
 
 
 # --- end to end through segment ------------------------------------------------------------------
@@ -257,17 +248,7 @@ def test_qc_off_writes_no_artifacts_layer(small_slide, tissue_card, tmp_path):
 
 def test_fluorescence_slide_is_not_reported_as_all_artifact_without_a_warning(tissue_card, tmp_path):
     """Dark background, bright green and blue signal: QC warns, and --qc exclude is not applied."""
-    rng = np.random.default_rng(0)
-    size = 1024  # 512 µm at 0.5 µm/px
-    yy, xx = np.mgrid[0:size, 0:size]
-    pixels = rng.normal(8, 3, (size, size, 3))
-    for _ in range(40):
-        cy, cx = rng.uniform(100, size - 100, 2)
-        radius = rng.uniform(10, 30)
-        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
-        channel = 1 if rng.random() < 0.6 else 2  # FITC green, DAPI blue
-        pixels[..., channel] += 230 * blob
-    slide = _write_tiff(tmp_path / "fluo.tif", np.clip(pixels, 0, 255).astype(np.uint8), 0.5)
+    slide = _write_tiff(tmp_path / "fluo.tif", fluorescence_image(1024, seed=0), 0.5)  # 512 µm at 0.5 µm/px
     _, folder, result = _segment(
         slide, tmp_path / "out", tissue_card, qc="exclude", tile=256, formats=("html",)
     )

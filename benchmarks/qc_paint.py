@@ -1,10 +1,16 @@
-"""Artifacts painted onto real slide pixels for the QC tests: marker strokes, a defocused band, a fold."""
+"""Artifacts painted onto real slide pixels (QC tests and figures): marker strokes, defocus, a fold."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
 from skimage import draw, morphology
+
+from wsi_espnet.qc import SlideQc, artifact_map, slide_qc
+from wsi_espnet.slide import Slide
+from wsi_espnet.tissue import detect_tissue
 
 #: Marker colours as they scan (blue, green, black and red marker on glass).
 INKS = {"blue": (35, 70, 160), "green": (30, 120, 70), "black": (35, 35, 40), "red": (185, 35, 45)}
@@ -55,6 +61,36 @@ def fold(image: np.ndarray, box: tuple[slice, slice], shift: tuple[int, int]) ->
     return np.round(out).astype(np.uint8)
 
 
+def fluorescence_image(size: int = 1024, seed: int = 0) -> np.ndarray:
+    """A fluorescence-like RGB image: dark noisy background, bright green (FITC) and blue (DAPI) blobs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    pixels = rng.normal(8, 3, (size, size, 3))
+    for _ in range(40):
+        cy, cx = rng.uniform(100, size - 100, 2)
+        radius = rng.uniform(10, 30)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * radius**2))
+        pixels[..., 1 if rng.random() < 0.6 else 2] += 230 * blob
+    return np.clip(pixels, 0, 255).astype(np.uint8)
+
+
 def iou(a: np.ndarray, b: np.ndarray) -> float:
     union = np.count_nonzero(a | b)
     return np.count_nonzero(a & b) / union if union else 1.0
+
+
+def analyse(path: Path, mpp: float = 1.0, mode: str = "flag") -> tuple[np.ndarray, np.ndarray, SlideQc]:
+    """What segment's prepare and infer see: the slide at ``mpp``, its refined tissue and QC plan."""
+    with Slide.open(path) as slide:
+        tissue = detect_tissue(slide)
+        height, width = slide.analysis_shape(mpp)
+        image = slide.read_region(0, 0, width, height, mpp)
+        plan = slide_qc(slide, tissue, mpp, mode)
+    return image, tissue.refine(image, 0, 0, mpp), plan
+
+
+def flagged_fractions(path: Path, mpp: float = 1.0) -> tuple[dict[int, float], SlideQc]:
+    """Share of the slide's tissue flagged per artifact value (1 pen, 2 blur, 3 fold)."""
+    image, tissue, plan = analyse(path, mpp)
+    found = artifact_map(image, mpp, plan.reference)[tissue]
+    return {kind: float(np.mean(found == kind)) for kind in (1, 2, 3)}, plan
