@@ -41,7 +41,7 @@ from skimage import color, morphology
 from wsi_espnet.classes import BACKGROUND
 from wsi_espnet.qc_kinds import BLUR, FOLD, NONE, PEN
 from wsi_espnet.slide import Slide
-from wsi_espnet.tissue import TissueMask
+from wsi_espnet.tissue import TissueMask, tissue_pixels
 
 MAX_FACTOR = 8  # block windows start on the 8-px grid (tile and halo are multiples of 8)
 GLASS_SATURATION = 0.07  # as the tissue detector's floor
@@ -122,9 +122,9 @@ def _block_mean(array: np.ndarray, factor: int) -> np.ndarray:
     ph, pw = -h % factor, -w % factor
     if ph or pw:
         array = np.pad(array, [(0, ph), (0, pw)] + [(0, 0)] * (array.ndim - 2), mode="edge")
-    a = array.astype(np.float32, copy=False)
-    shape = (a.shape[0] // factor, factor, a.shape[1] // factor, factor, *a.shape[2:])
-    return a.reshape(shape).mean(axis=(1, 3))
+    shape = (array.shape[0] // factor, factor, array.shape[1] // factor, factor, *array.shape[2:])
+    # Summed with a float32 accumulator: no full-resolution float copy of the window is made.
+    return array.reshape(shape).sum(axis=(1, 3), dtype=np.float32) / np.float32(factor * factor)
 
 
 def _optical_density(rgb: np.ndarray) -> np.ndarray:
@@ -290,7 +290,10 @@ def slide_qc(slide: Slide, tissue: TissueMask, mpp: float, mode: str) -> SlideQc
             y0 = int((ys[i] + 0.5) * ratio) // 8 * 8 - SAMPLE_SIDE // 2  # on the 8-px grid, as blocks are
             x0 = int((xs[i] + 0.5) * ratio) // 8 * 8 - SAMPLE_SIDE // 2
             rgb = slide.read_region(x0, y0, SAMPLE_SIDE, SAMPLE_SIDE, mpp)
-            inside = tissue.refine(rgb, y0, x0, mpp)
+            if tissue.saturation_threshold is not None:
+                inside = tissue.refine(rgb, y0, x0, mpp)
+            else:  # --no-tissue-detection: the mask is everything, so tell tissue from glass here
+                inside = tissue_pixels(rgb, tissue.settings.min_saturation, tissue.settings.max_dark_value)
             tiles.append(rgb)
             masks.append(inside)
             glass.append(color.rgb2hsv(rgb)[..., 2][~inside])
