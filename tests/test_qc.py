@@ -55,6 +55,27 @@ def test_painted_pen_strokes_are_found(cmu1):
             assert np.count_nonzero(found & mask) / np.count_nonzero(mask) > 0.5, (seed, ink)
 
 
+def test_block_cores_agree_with_the_whole_image(cmu1):
+    """QC of 512-px block cores, each seen with a 256-px halo as segment's blocks are, matches QC
+    of the whole image: blocks agree at their seams."""
+    image, _, plan = cmu1
+    painted, _ = paint_strokes(image, MPP, seed=0)
+    whole = artifact_map(painted, MPP, plan.reference)
+    tile, halo = 512, 256
+    padded = np.pad(painted, ((halo, halo + tile), (halo, halo + tile), (0, 0)), constant_values=255)
+    stitched = np.zeros_like(whole)
+    for y in range(0, whole.shape[0], tile):
+        for x in range(0, whole.shape[1], tile):
+            window = padded[y : y + tile + 2 * halo, x : x + tile + 2 * halo]
+            core = (slice(halo, halo + tile), slice(halo, halo + tile))
+            h, w = stitched[y : y + tile, x : x + tile].shape
+            stitched[y : y + tile, x : x + tile] = artifact_map(window, MPP, plan.reference, core=core)[
+                :h, :w
+            ]
+    assert np.mean(stitched == whole) > 0.995
+    assert iou(stitched == PEN, whole == PEN) > 0.97
+
+
 def test_blurred_band_is_out_of_focus(cmu1):
     image, tissue, plan = cmu1
     band = slice(400, 800)

@@ -120,20 +120,19 @@ class _BlockWriter:
             wy, wx, _, _ = block.window(grid)
             tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
             self.tissue_s += time.perf_counter() - t0
-        artifacts = None
+        artifacts, excludes = None, False
         if plan.qc is not None:  # artifact QC from the same pixels, once per block core
             t0 = time.perf_counter()
             artifacts = artifact_map(output.window, plan.mpp, plan.qc.reference, plan.qc.settings, core)
+            excludes = plan.qc.excludes
             self.qc_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         for chunk, scores, labels in output.chunks(grid):
             if tissue is not None:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
             flagged = None
-            if artifacts is not None and plan.qc is not None:
-                labels, flagged = apply_qc(
-                    labels, artifacts[block.core_slices(grid, chunk)], plan.qc.excludes
-                )
+            if artifacts is not None:
+                labels, flagged = apply_qc(labels, artifacts[block.core_slices(grid, chunk)], excludes)
             self.store.write_chunk(chunk.index, scores, labels, artifacts=flagged)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)
