@@ -321,7 +321,7 @@ def slide_qc(slide: Slide, tissue: TissueMask, mpp: float, mode: str) -> SlideQc
                 inside = tissue_pixels(rgb, tissue.settings.min_saturation, tissue.settings.max_dark_value)
             tiles.append(rgb)
             masks.append(inside)
-            glass.append(color.rgb2hsv(rgb)[..., 2][~inside])
+            glass.append(rgb.max(axis=-1)[~inside] / 255.0)  # HSV value, without a full HSV conversion
     outside = np.concatenate(glass) if glass else np.zeros(0)
     glass_value = (
         float(np.median(outside)) if outside.size > 0.05 * SAMPLE_SIDE**2 * max(len(tiles), 1) else None
