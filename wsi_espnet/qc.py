@@ -5,9 +5,8 @@ included) is already in memory when its labels are written; :func:`artifact_map`
 a uint8 map of the block core (0 none, 1 pen, 2 blur, 3 fold, :mod:`wsi_espnet.qc_kinds`).
 The only slide-level knowledge a block needs, the slide's own reference sharpness and tissue
 optical density, is estimated once in ``prepare`` from a handful of tissue tiles read at
-analysis resolution (:func:`sample_tiles`, :func:`estimate_reference`): a few hundred
-milliseconds, and the same pixels a block would see (a thumbnail has lost the fine detail that
-sharpness is measured on).
+analysis resolution (:func:`slide_qc`, :func:`estimate_reference`): under a second, and the
+same pixels a block would see (a thumbnail has lost the fine detail that sharpness is measured on).
 
 Everything is computed on a coarse grid of ``work_um`` cells (block means, aligned to the slide's
 pixel grid so neighbouring blocks agree), except the Laplacian, which needs full resolution:
@@ -16,11 +15,10 @@ pixel grid so neighbouring blocks agree), except the Laplacian, which needs full
   closed over a few µm and kept only in regions of at least ``pen_min_area_um2``. Marker strokes
   are hundreds of µm wide; tissue-marking dye (margin ink, specks of a few hundred µm² at the
   tissue edge) and single blue-stained nuclei stay below that size and are not flagged.
-* **blur**: fine-scale energy (squared Laplacian) over the band energy of cell-scale structure
-  (8-16 µm), averaged over ``sharpness_window_um``; a ratio below ``blur_ratio`` times the
-  slide's reference is out of focus. The ratio, not the raw Laplacian, is used so that pale
-  tissue is not taken for blurred tissue; windows with too little structure to judge are not
-  flagged.
+* **blur**: fine-scale energy (squared Laplacian) over the local contrast of the cells, both
+  over ``sharpness_window_um``; a ratio below ``blur_ratio`` times the slide's reference is out
+  of focus. The ratio, not the raw Laplacian, is used so that pale tissue is not taken for
+  blurred tissue; windows with too little contrast, or with much glass, are not judged.
 * **fold**: two layers of tissue absorb about twice the light of one: total optical density,
   smoothed over ``fold_smoothing_um``, above ``fold_od_ratio`` times the slide's median tissue
   density.
@@ -45,7 +43,7 @@ from wsi_espnet.tissue import TissueMask, tissue_pixels
 
 MAX_FACTOR = 8  # block windows start on the 8-px grid (tile and halo are multiples of 8)
 GLASS_SATURATION = 0.07  # as the tissue detector's floor
-SAMPLE_TILES = 16  # tissue tiles read in prepare for the slide's reference (about 0.2 s in all)
+SAMPLE_TILES = 16  # tissue tiles read in prepare for the slide's reference (0.8 s on CMU-1)
 SAMPLE_SIDE = 256  # analysis px: 256 µm at 1 µm/px, 64 sharpness windows a tile
 
 
@@ -83,9 +81,9 @@ class QcReference:
     warning in ``warnings``: the thresholds are made for bright-field H&E.
     """
 
-    sharpness: float
-    structure: float
-    tissue_od: float
+    sharpness: float  # median fine-energy / contrast ratio of tissue cells
+    structure: float  # median local contrast (variance of 4 µm cell means) of tissue
+    tissue_od: float  # median total optical density of tissue cells
     bright_field: bool = True
     hne_fraction: float = 1.0
     tiles: int = 0
@@ -220,11 +218,11 @@ def artifact_map(
     fold = density > settings.fold_od_ratio * reference.tissue_od
     fold = _clean(fold & ~pen, math.ceil(settings.fold_min_area_um2 / cell_um2))
     window = max(1, round(settings.sharpness_window_um / (factor * mpp)))
-    ratio, band = _sharpness(rgb, factor, window)
+    ratio, contrast = _sharpness(rgb, factor, window)
     # Glass has no focus to lose, and a window across a tissue edge has its contrast from the edge.
     glass = ndimage.uniform_filter((hsv[..., 1] < GLASS_SATURATION).astype(np.float32), window)
     glass = glass > settings.blur_max_glass
-    judged = (band >= settings.min_structure * reference.structure) & ~glass
+    judged = (contrast >= settings.min_structure * reference.structure) & ~glass
     blur = judged & (ratio < settings.blur_ratio * reference.sharpness) & ~pen & ~fold
     # An opening first, so that scattered low-sharpness cells do not hang on to a blurred region.
     blur = ndimage.binary_opening(blur, morphology.disk(round(settings.blur_opening_um / (factor * mpp))))
@@ -242,24 +240,24 @@ def estimate_reference(
 ) -> QcReference:
     """The slide's reference sharpness and tissue density from sample ``tiles`` and their ``tissue`` masks.
 
-    ``glass_value`` is the median brightness (V, 0-1) of the thumbnail outside the tissue mask
-    (None when the slide is all tissue): a dark background means a fluorescence slide, whose
+    ``glass_value`` is the median brightness (V, 0-1) of the tiles outside their tissue (None
+    when there is too little of it to tell): a dark background means a fluorescence slide, whose
     colours would all look like ink. Medians, so a blurred or folded sample tile does not move
     the reference.
     """
     settings = QcSettings()
     factor = _factor(mpp, settings.work_um)
     window = max(1, round(settings.sharpness_window_um / (factor * mpp)))
-    ratios, bands, densities, hne, n = [], [], [], [], 0
+    ratios, contrasts, densities, hne, n = [], [], [], [], 0
     for rgb, mask in zip(tiles, tissue, strict=True):
         cells = _block_mean(rgb, factor)
         inside = _block_mean(mask.astype(np.float32), factor) > 0.5
         if not inside.any():
             continue
         n += 1
-        ratio, band = _sharpness(rgb, factor, window)
+        ratio, contrast = _sharpness(rgb, factor, window)
         ratios.append(ratio[inside])
-        bands.append(band[inside])
+        contrasts.append(contrast[inside])
         densities.append(_optical_density(cells)[inside])
         hue = color.rgb2hsv(cells / 255.0)[..., 0][inside]
         hne.append((hue > 0.7) | (hue < 0.05))
@@ -280,7 +278,7 @@ def estimate_reference(
         )
     return QcReference(
         sharpness=float(np.median(np.concatenate(ratios))),
-        structure=float(np.median(np.concatenate(bands))),
+        structure=float(np.median(np.concatenate(contrasts))),
         tissue_od=float(np.median(np.concatenate(densities))),
         bright_field=bright,
         hne_fraction=hne_fraction,
