@@ -196,6 +196,12 @@ def _segment_options(func: Any) -> Any:
             help="Keep only ROI annotations of this QuPath class (repeatable).",
         ),
         *confidence_options(_D),
+        click.option(
+            "--qc",
+            default=_D.qc,
+            show_default=True,
+            help="Artifact QC (pen, blur, fold): off, flag, or exclude them from the classes.",
+        ),
         click.option("--overwrite", is_flag=True, help="Redo slides whose output is complete."),
         click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary table."),
         click.option(

@@ -16,6 +16,7 @@ from typing import Any
 from wsi_espnet.confidence import DEFAULT_LOW_CONFIDENCE
 from wsi_espnet.errors import ConfigError
 from wsi_espnet.outputs import FORMATS as EXPORT_FORMATS
+from wsi_espnet.qc_kinds import MODES as QC_MODES
 from wsi_espnet.resources import load_yaml
 from wsi_espnet.tissue import TissueSettings
 
@@ -88,6 +89,7 @@ class SegmentSettings:
     tta: int = 1  # test-time augmentation: average over 1, 2, 4 or 8 dihedral views (wsi_espnet/tta.py)
     low_confidence: float = DEFAULT_LOW_CONFIDENCE  # below it a tissue pixel is "uncertain"
     geojson_uncertain: bool = True  # export low-confidence tissue as a GeoJSON class "Uncertain"
+    qc: str = "flag"  # artifact QC: off | flag (layer, areas, warnings) | exclude (also drop from classes)
 
     def validate(self) -> SegmentSettings:
         """Reject values that would silently produce wrong or seamed results."""
@@ -120,6 +122,8 @@ class SegmentSettings:
         if any(not name.strip() for name in self.roi_classes):
             raise ConfigError("--roi-class needs a class name, got an empty one")
         check_confidence_settings(self.tta, self.low_confidence)
+        if self.qc not in QC_MODES:
+            raise ConfigError(f"--qc must be one of {', '.join(QC_MODES)}, got {self.qc!r}")
         return self
 
     @property

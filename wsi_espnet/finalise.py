@@ -19,6 +19,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all, read_slide_thumbnail
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
 from wsi_espnet.roi_stats import write_roi_csv
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
 from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statistics
@@ -35,6 +36,7 @@ def _stage_seconds(inferred: list[Inferred]) -> dict[str, float]:
         "inference_s": sum(i.inference_s for i in inferred),
         "tissue_refine_s": sum(i.tissue_s for i in inferred),
         "write_s": sum(i.write_s for i in inferred),
+        "qc_s": sum(i.qc_s for i in inferred),
     }
 
 
@@ -57,9 +59,11 @@ def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inf
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
         if "roi" in stats:
             write_roi_csv(stats["roi"], plan.output.roi_csv)
+        write_artifacts_csv(stats, plan.output.artifacts_csv)
         timings["statistics_s"] = time.perf_counter() - t0
     area = float(stats["tissue_area_mm2"])
     warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
+    warnings += qc_warnings(plan.job.path, plan.qc, stats)
     processed = sum(i.chunks for i in inferred)
     record = RunRecord.read(plan.output).finished(processed, timings, area)
     record = record.with_fields(

@@ -28,6 +28,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.predict import get_predictor
+from wsi_espnet.qc import apply_qc, artifact_map
 from wsi_espnet.roi_regions import block_core
 from wsi_espnet.runstate import Failed, SlidePlan
 from wsi_espnet.slide import Slide
@@ -45,6 +46,7 @@ class Inferred:
     inference_s: float
     tissue_s: float
     write_s: float
+    qc_s: float = 0.0
 
 
 @lru_cache(maxsize=8)
@@ -90,7 +92,13 @@ def infer_task(plan: SlidePlan, blocks: list[Block], settings: InferenceSettings
         return Failed(plan.job, str(exc))
     chunks = sum(len(block.owned) for block in blocks)
     return Inferred(
-        chunks, times.input_pixels, times.read_s, times.inference_s, writer.tissue_s, writer.write_s
+        chunks,
+        times.input_pixels,
+        times.read_s,
+        times.inference_s,
+        writer.tissue_s,
+        writer.write_s,
+        writer.qc_s,
     )
 
 
@@ -103,18 +111,25 @@ class _BlockWriter:
         self.progress = ProgressLog(plan.output.progress_dir)
         self.tissue_s = 0.0
         self.write_s = 0.0
+        self.qc_s = 0.0
 
     def write(self, output: BlockOutput) -> None:
         plan, grid, block = self.plan, self.plan.grid, output.block
         tissue = None
+        core = tuple(slice(grid.halo, grid.halo + n * grid.tile) for n in (block.rows, block.cols))
         if plan.mask_labels:
             # Tissue versus glass at analysis resolution, from the pixels already read, once for
             # the whole block core: the halo around it gives the refinement context on every side.
             t0 = time.perf_counter()
             wy, wx, _, _ = block.window(grid)
-            core = tuple(slice(grid.halo, grid.halo + n * grid.tile) for n in (block.rows, block.cols))
             tissue = plan.tissue.refine(output.window, wy, wx, plan.mpp, core)
             self.tissue_s += time.perf_counter() - t0
+        artifacts, excludes = None, False
+        if plan.qc is not None:  # artifact QC from the same pixels, once per block core
+            t0 = time.perf_counter()
+            artifacts = artifact_map(output.window, plan.mpp, plan.qc.reference, plan.qc.settings, core)
+            excludes = plan.qc.excludes
+            self.qc_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         inside = None if plan.roi is None else plan.roi.mask(*block_core(block, grid))  # --roi
         for chunk, scores, labels in output.chunks(grid):
@@ -123,8 +138,11 @@ class _BlockWriter:
                 labels = np.where(tissue[block.core_slices(grid, chunk)], labels, 0)
             if inside is not None:
                 labels = np.where(inside[block.core_slices(grid, chunk)], labels, 0)
-            if confidence is not None and (tissue is not None or inside is not None):
+            flagged = None
+            if artifacts is not None:  # after the ROI: artifacts only on labelled tissue inside it
+                labels, flagged = apply_qc(labels, artifacts[block.core_slices(grid, chunk)], excludes)
+            if confidence is not None and (tissue is not None or inside is not None or excludes):
                 confidence = masked(confidence, labels != 0)  # 0 = no prediction, as in unwritten chunks
-            self.store.write_chunk(chunk.index, scores, labels, confidence=confidence)
+            self.store.write_chunk(chunk.index, scores, labels, confidence=confidence, artifacts=flagged)
         self.write_s += time.perf_counter() - t0
         self.progress.record(f"{block.row0}-{block.col0}-{block.rows}x{block.cols}", block.owned)

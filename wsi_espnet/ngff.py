@@ -118,3 +118,18 @@ def confidence_metadata(mpp: float, n_levels: int, zarr_format: int) -> dict[str
     version = "0.4" if zarr_format == 2 else None
     image = {"multiscales": [_multiscale("confidence", ["y", "x"], mpp, n_levels, "mean 2x2", version)]}
     return _wrap(image, zarr_format)
+
+
+def extra_label_metadata(
+    name: str, values: tuple[ClassInfo, ...], mpp: float, n_levels: int, zarr_format: int
+) -> NgffMetadata:
+    """Another image-label beside ``tissue`` (e.g. QC's ``artifacts``): its group's attributes as
+    ``label_image``, and ``labels`` listing both, for the ``labels`` group; ``image`` is unused."""
+    version = "0.4" if zarr_format == 2 else None
+    label_image = {
+        "multiscales": [_multiscale(name, ["y", "x"], mpp, n_levels, "mode 2x2", version)],
+        "image-label": _image_label(values, version),
+    }
+    return NgffMetadata(
+        {}, _wrap({"labels": [LABEL_NAME, name]}, zarr_format), _wrap(label_image, zarr_format)
+    )

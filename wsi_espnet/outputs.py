@@ -27,7 +27,16 @@ OME_SUFFIXES = (".ome.tif", ".ome.tiff")
 STORE_SUFFIX = ".ome.zarr"
 #: The exports ``segment`` and ``export`` can write (names only: the writers live in ``export/``).
 FORMATS = ("geojson", "ometiff", "png", "html")
-SUMMARY_FIELDS = ("slide", "status", "error", "seconds", "tiles_processed", "tissue_area_mm2", "output")
+SUMMARY_FIELDS = (
+    "slide",
+    "status",
+    "error",
+    "seconds",
+    "tiles_processed",
+    "tissue_area_mm2",
+    "output",
+    "warnings",
+)
 
 
 def slide_stem(path: Path) -> str:
@@ -130,6 +139,10 @@ class SlideOutput:
     def roi_csv(self) -> Path:
         """One row per ROI annotation: area, tissue area and class fractions."""
         return self.file(".roi.csv")
+
+    def artifacts_csv(self) -> Path:
+        """Artifact QC's areas per kind (``--qc flag|exclude``), apart from the class table."""
+        return self.file(".artifacts.csv")
 
     @property
     def progress_dir(self) -> Path:

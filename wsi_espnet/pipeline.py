@@ -47,6 +47,7 @@ class SlideResult:
     tiles_processed: int = 0
     tissue_area_mm2: float | None = None
     output: Path | None = None
+    warnings: str = ""  # the slide's warnings (e.g. QC's), "; "-joined
 
     def as_row(self) -> dict[str, Any]:
         area = "" if self.tissue_area_mm2 is None else round(self.tissue_area_mm2, 6)
@@ -58,6 +59,7 @@ class SlideResult:
             "tiles_processed": self.tiles_processed,
             "tissue_area_mm2": area,
             "output": "" if self.output is None else str(self.output),
+            "warnings": self.warnings,
         }
 
 
@@ -92,6 +94,7 @@ class _SlideTracker:
                 self.result = SlideResult(
                     self.job.path, "done", "", seconds, outcome.tiles_processed, outcome.tissue_area_mm2
                 )
+                self.result.warnings = "; ".join(outcome.warnings)
 
 
 class _CohortRun:

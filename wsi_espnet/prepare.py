@@ -25,6 +25,7 @@ from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import ModelCard, load_card, sha256_file
 from wsi_espnet.outputs import ProgressLog, SlideOutput
+from wsi_espnet.qc import SlideQc, qc_record, slide_qc
 from wsi_espnet.roi import read_job_roi, write_normalised
 from wsi_espnet.runstate import Failed, RunRecord, Skipped, SlideJob, SlidePlan
 from wsi_espnet.slide import Slide, check_resolution
@@ -43,6 +44,8 @@ class _Opened:
     tissue: TissueMask
     metadata: dict[str, Any]
     tissue_seconds: float
+    qc: SlideQc | None = None
+    qc_seconds: float = 0.0
 
 
 def _open_slide(path: Path, slide_mpp: float | None, settings: SegmentSettings, card: ModelCard) -> _Opened:
@@ -55,7 +58,10 @@ def _open_slide(path: Path, slide_mpp: float | None, settings: SegmentSettings, 
             tissue = detect_tissue(slide, settings.tissue)
         else:
             tissue = _everything(slide, settings.tissue.thumbnail_mpp)
-        return _Opened(grid, mpp, tissue, slide.metadata(), time.perf_counter() - t0)
+        tissue_seconds = time.perf_counter() - t0
+        qc = slide_qc(slide, tissue, mpp, settings.qc) if settings.qc != "off" else None
+        qc_seconds = time.perf_counter() - t0 - tissue_seconds
+        return _Opened(grid, mpp, tissue, slide.metadata(), tissue_seconds, qc, qc_seconds)
 
 
 def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> SlidePlan | Skipped | Failed:
@@ -100,12 +106,23 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             "store_params": store_params,
             **({"roi": roi.record()} if roi else {}),
             "inference": _block_record(blocks, grid, (k, source), [c.index for c in selected]),
+            "qc": qc_record(opened.qc),
         }
         timings = {"prepare_s": time.perf_counter() - start, "tissue_detection_s": opened.tissue_seconds}
+        timings["qc_reference_s"] = opened.qc_seconds
         RunRecord.start(job, output, provenance).resumed(resumed, timings).write(output)
         slide_mpp = float(opened.metadata["mpp"])  # what the slide's file (or the override) says
         return SlidePlan(
-            job, output, grid, mpp, slide_mpp, blocks, opened.tissue, settings.tissue_detection, roi=regions
+            job,
+            output,
+            grid,
+            mpp,
+            slide_mpp,
+            blocks,
+            opened.tissue,
+            settings.tissue_detection,
+            regions,
+            opened.qc,
         )
     except WsiEspnetError as exc:
         return Failed(job, str(exc))
@@ -144,6 +161,7 @@ def _store_params(card: ModelCard, settings: SegmentSettings, mpp: float, grid: 
         "zarr_format": settings.zarr_format,
         "tissue_detection": settings.tissue_detection,
         "tta": settings.tta,  # changes the scores, labels and confidence of every chunk
+        "qc": settings.qc,  # exclude changes the labels, flag adds a layer
     }
 
 
@@ -160,7 +178,8 @@ def _store_creator(card: ModelCard, opened: _Opened) -> Callable[[Path, int], No
 
     def create(path: Path, zarr_format: int) -> None:
         attrs = {"model": model, "slide": slide_block}
-        SlideStore.create(path, opened.grid, opened.mpp, card.classes, zarr_format, attrs)
+        qc = opened.qc.mode if opened.qc is not None else "off"
+        SlideStore.create(path, opened.grid, opened.mpp, card.classes, zarr_format, {**attrs, "qc": qc})
 
     return create
 

@@ -37,7 +37,7 @@ def build_levels(
             dask.delayed(_write_parent)(above, target, index, reduce)
             for above, target, reduce in (
                 (scores_above, scores, _mean_2x2),
-                (labels_above, labels, _mode_2x2),
+                (labels_above, labels, mode_2x2),
             )
             for index in parents
         ]
@@ -45,16 +45,18 @@ def build_levels(
         current = set(parents)
 
 
-def build_mean_levels(
-    levels: list[zarr.Array], written: Iterable[ChunkIndex] | None = None, client: Any = None
+def build_layer_levels(
+    levels: list[zarr.Array],
+    reduce: Callable[[np.ndarray], np.ndarray],
+    written: Iterable[ChunkIndex] | None = None,
+    client: Any = None,
 ) -> None:
-    """Fill levels 1..n of a single-array image (the confidence) with the 2x2 mean of its
-    non-zero pixels, as above: 0 means "no prediction" (glass), so it must not pull down the
-    confidence of the tissue pixels it borders on a coarser level."""
+    """Fill levels 1..n of a single-array layer with ``reduce`` (:func:`mean_nonzero_2x2` for the
+    confidence, :func:`mode_2x2` for QC's artifacts), visiting only what :func:`build_levels` visits."""
     current = set(written) if written is not None else set(_all_units(levels[0]))
     for above, target in itertools.pairwise(levels):
         parents = sorted({(iy // 2, ix // 2) for iy, ix in current})
-        tasks = [dask.delayed(_write_parent)(above, target, index, _mean_nonzero_2x2) for index in parents]
+        tasks = [dask.delayed(_write_parent)(above, target, index, reduce) for index in parents]
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
         current = set(parents)
 
@@ -94,14 +96,18 @@ def _mean_2x2(block: np.ndarray) -> np.ndarray:
     return ((total + 2) // 4).astype(np.uint8)
 
 
-def _mean_nonzero_2x2(block: np.ndarray) -> np.ndarray:
-    """Mean of the non-zero pixels of each 2x2 block, rounded half up; 0 where all four are 0."""
+def mean_nonzero_2x2(block: np.ndarray) -> np.ndarray:
+    """Mean of the non-zero pixels of each 2x2 block, rounded half up; 0 where all four are 0.
+
+    For the confidence: 0 means "no prediction" (glass), so it must not pull down the confidence
+    of the tissue pixels it borders on a coarser level.
+    """
     four = _blocks_2x2(block).astype(np.uint16)
     total, count = four.sum(axis=0), np.count_nonzero(four, axis=0).astype(np.uint16)
     return np.where(count > 0, (2 * total + count) // np.maximum(2 * count, 1), 0).astype(np.uint8)
 
 
-def _mode_2x2(block: np.ndarray) -> np.ndarray:
+def mode_2x2(block: np.ndarray) -> np.ndarray:
     """Most frequent label of each 2x2 block; ties go to the smaller label (as scipy's mode).
 
     Vectorised: each of the four candidates scores ``count * 256 + (255 - value)``, so the

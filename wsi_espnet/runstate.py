@@ -20,6 +20,7 @@ from wsi_espnet.blocks import Block
 from wsi_espnet.errors import OutputError, SlideError
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.outputs import SlideOutput, slide_file_record
+from wsi_espnet.qc import SlideQc
 from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.tissue import TissueMask
 
@@ -170,6 +171,7 @@ class SlidePlan:
     tissue: TissueMask
     mask_labels: bool
     roi: RoiRegions | None = None  # labels outside it are background (``--roi``)
+    qc: SlideQc | None = None  # None: --qc off
 
     @property
     def n_todo(self) -> int:

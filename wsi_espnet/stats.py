@@ -39,6 +39,7 @@ from skimage import measure
 from wsi_espnet import confidence as conf
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.grid import Chunk
+from wsi_espnet.qc_stats import artifact_statistics
 from wsi_espnet.roi_regions import RoiRegions
 from wsi_espnet.roi_stats import roi_table
 from wsi_espnet.store import SlideStore
@@ -302,6 +303,7 @@ def compute_statistics(
         "classes": rows,
         "fragments": _fragment_table(parts, store.classes, mpp, level0_scale, limits),
         **confidence_keys,
+        **artifact_statistics(store, chunks, tissue_pixels, client),
     }
     if roi is not None:
         result["roi"], result["roi_area_mm2"] = roi_table(store, roi, [c.index for c in chunks], scheduler)

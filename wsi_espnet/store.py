@@ -6,6 +6,8 @@ Layout of ``<stem>.ome.zarr`` (all at analysis resolution ``mpp``)::
     /labels/tissue     image-label: argmax class uint8 (y, x), the same pyramid, class colours
     /confidence        image: the label's probability uint8 (y, x) = round(p * 255), the same
                        pyramid (2x2 mean of non-zero pixels); 0 = no prediction (``confidence.py``)
+    /labels/artifacts  image-label (``--qc flag|exclude`` only): QC's artifact kinds uint8 (y, x),
+                       0 none, 1 pen, 2 blur, 3 fold (``qc_kinds.py``), attribute wsi_espnet.qc = mode
     attribute wsi_espnet: model, classes, mpp, tile, halo, slide {path, mpp, dimensions,
                        bounds_offset}, status
 
@@ -37,13 +39,20 @@ from wsi_espnet.classes import BACKGROUND, ClassInfo, as_class_infos
 from wsi_espnet.confidence import CONFIDENCE_NAME
 from wsi_espnet.errors import OutputError
 from wsi_espnet.grid import Chunk, TileGrid
-from wsi_espnet.ngff import LABEL_NAME, confidence_metadata, ngff_metadata, pyramid_shapes
+from wsi_espnet.ngff import (
+    LABEL_NAME,
+    confidence_metadata,
+    extra_label_metadata,
+    ngff_metadata,
+    pyramid_shapes,
+)
 from wsi_espnet.outputs import SlideOutput, find_store
-from wsi_espnet.pyramid import build_levels, build_mean_levels, write_unit
+from wsi_espnet.pyramid import build_layer_levels, build_levels, mean_nonzero_2x2, mode_2x2, write_unit
+from wsi_espnet.qc_kinds import ARTIFACTS_NAME, KINDS
 
 ATTRS_KEY = "wsi_espnet"
 STATUSES = ("running", "complete")
-STORE_ATTRS = frozenset({"model", "slide"})
+STORE_ATTRS = frozenset({"model", "slide", "qc"})
 
 
 class SlideStore:
@@ -70,7 +79,9 @@ class SlideStore:
 
         ``attrs`` fills the rest of the ``wsi_espnet`` block: ``model`` (``{"name", "sha256"}``)
         and ``slide`` (any JSON-able dict, e.g. ``Slide.metadata()``). Unwritten chunks read as 0
-        (the background class), so chunks without tissue are never written.
+        (the background class), so chunks without tissue are never written. ``qc`` (the
+        ``--qc`` mode) other than ``"off"`` adds the ``labels/artifacts`` layer and records the
+        mode in it.
         """
         path = Path(path)
         if zarr_format not in (2, 3):
@@ -79,7 +90,9 @@ class SlideStore:
             raise OutputError("already exists; remove it or overwrite it", path)
         extra = dict(attrs or {})
         if set(extra) - STORE_ATTRS:
-            raise ValueError(f"unknown store attributes {sorted(set(extra) - STORE_ATTRS)}; use model, slide")
+            raise ValueError(
+                f"unknown store attributes {sorted(set(extra) - STORE_ATTRS)}; use model, slide, qc"
+            )
         class_infos = as_class_infos(classes)
         shapes = pyramid_shapes(grid.shape)
         model = extra.get("model") or {}
@@ -106,6 +119,9 @@ class SlideStore:
             _create_array(root, str(level), (len(class_infos), h, w), grid.tile, zarr_format)
             _create_array(tissue, str(level), (h, w), grid.tile, zarr_format)
             _create_array(confidence, str(level), (h, w), grid.tile, zarr_format)
+        qc = str(extra.get("qc") or "off")
+        if qc != "off":
+            _create_artifacts(root, shapes, grid.tile, (mpp, zarr_format), qc)
         return cls(path, root)
 
     @classmethod
@@ -198,6 +214,17 @@ class SlideStore:
         """The argmax class map (y, x) uint8 of pyramid ``level``."""
         return self._group[f"labels/{LABEL_NAME}/{level}"]  # type: ignore[return-value]
 
+    def artifacts(self, level: int = 0) -> zarr.Array | None:
+        """QC's artifact map (y, x) uint8 of pyramid ``level``; None for a store without QC."""
+        return self._group.get(f"labels/{ARTIFACTS_NAME}/{level}")  # type: ignore[return-value]
+
+    @property
+    def qc_mode(self) -> str:
+        """``flag`` or ``exclude`` as applied when the artifacts were written; ``off`` without them."""
+        if self.artifacts(0) is None:
+            return "off"
+        return str(self._group[f"labels/{ARTIFACTS_NAME}"].attrs.get(ATTRS_KEY, {}).get("qc", "flag"))
+
     def scores(self, level: int = 0) -> zarr.Array:
         """The per-class scores (c, y, x) uint8 of pyramid ``level``."""
         return self._group[str(level)]  # type: ignore[return-value]
@@ -274,11 +301,13 @@ class SlideStore:
         labels: np.ndarray,
         *,
         confidence: np.ndarray | None = None,
+        artifacts: np.ndarray | None = None,
     ) -> None:
         """Write exactly level-0 chunk ``(iy, ix)``: whole chunks (shards) only, so no locks.
 
-        ``scores`` is (C, h, w) and ``labels`` and ``confidence`` (h, w), where (h, w) is the
-        chunk clipped to the array (smaller at the bottom and right edges).
+        ``scores`` is (C, h, w) and ``labels``, ``confidence`` and ``artifacts`` (h, w), where
+        (h, w) is the chunk clipped to the array (smaller at the bottom and right edges);
+        ``artifacts`` (QC's map) needs a store created with QC.
         """
         grid = self.grid
         rows, cols = grid.grid_shape
@@ -296,6 +325,11 @@ class SlideStore:
             if confidence.shape != (c.h, c.w):
                 raise ValueError(f"chunk {chunk_index} needs confidence ({c.h}, {c.w})")
             target[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = confidence.astype(np.uint8, copy=False)
+        if artifacts is not None:
+            layer = self.artifacts(0)
+            if layer is None or artifacts.shape != (c.h, c.w):
+                raise ValueError(f"chunk {chunk_index}: artifacts need a QC store and shape ({c.h}, {c.w})")
+            layer[c.y0 : c.y0 + c.h, c.x0 : c.x0 + c.w] = artifacts.astype(np.uint8, copy=False)
 
     def build_pyramid(self, written: Iterable[tuple[int, int]] | None = None, client: Any = None) -> None:
         """Fill levels 1..n from level 0 with Dask, one output chunk per task (memory bounded).
@@ -307,7 +341,10 @@ class SlideStore:
         levels = [(self.scores(n), self.labels(n)) for n in range(self.n_levels)]
         build_levels(levels, written, client)
         if self.confidence(0) is not None:
-            build_mean_levels([self.confidence(n) for n in range(self.n_levels)], written, client)
+            levels = [self.confidence(n) for n in range(self.n_levels)]
+            build_layer_levels(levels, mean_nonzero_2x2, written, client)
+        if self.artifacts(0) is not None:
+            build_layer_levels([self.artifacts(n) for n in range(self.n_levels)], mode_2x2, written, client)
 
 
 def open_store(target: str | Path | SlideStore) -> SlideStore:
@@ -329,6 +366,19 @@ def open_store(target: str | Path | SlideStore) -> SlideStore:
     if store.n_levels == 0:
         raise OutputError(f"no label map at labels/{LABEL_NAME}/0", store.path)
     return store
+
+
+def _create_artifacts(
+    root: zarr.Group, shapes: list[tuple[int, int]], tile: int, frame: tuple[float, int], mode: str
+) -> None:
+    """The ``labels/artifacts`` image-label of QC, its levels like the tissue labels'."""
+    mpp, zarr_format = frame
+    meta = extra_label_metadata(ARTIFACTS_NAME, KINDS, mpp, len(shapes), zarr_format)
+    labels = root["labels"]
+    labels.attrs.update(meta.labels)
+    layer = labels.create_group(ARTIFACTS_NAME, attributes={**meta.label_image, ATTRS_KEY: {"qc": mode}})
+    for level, (h, w) in enumerate(shapes):
+        _create_array(layer, str(level), (h, w), tile, zarr_format)
 
 
 def _create_array(group: zarr.Group, name: str, shape: tuple[int, ...], tile: int, zarr_format: int) -> None:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,11 @@ import shapely
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Polygon
 
-from wsi_espnet.classes import BACKGROUND
+from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.errors import ConfigError, OutputError
-from wsi_espnet.export.bands import iter_regions
+from wsi_espnet.export.bands import Region, iter_regions
 from wsi_espnet.export.geojson_file import CollectionWriter
+from wsi_espnet.export.qc_layers import artifact_regions
 from wsi_espnet.export.uncertain import UNCERTAIN, uncertain_regions
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
@@ -98,7 +100,6 @@ def write_geojson(
             f"has no pyramid level {level} (levels 0..{outputs.n_levels - 1})", outputs.store_path
         )
     path = Path(path)
-    known = {c.value: c for c in outputs.tissue_classes}
     level_px_um2 = outputs.level_mpp(level) ** 2
     factor = 2**level * outputs.scale
     dx, dy = outputs.bounds_offset if frame.subtract_bounds else (0, 0)
@@ -115,19 +116,14 @@ def write_geojson(
     if clip is not None:
         shapely.prepare(clip)
         settings["roi"] = outputs.output.roi_geojson.name
-    tolerance = simplify_px / 2**level
-    regions = iter_regions(outputs.labels(level), tolerance)
-    if uncertain is not None and UNCERTAIN.value not in known:
-        known[UNCERTAIN.value] = UNCERTAIN
-        regions = itertools.chain(regions, uncertain_regions(outputs, level, uncertain, tolerance))
+    regions = _all_regions(outputs, level, simplify_px / 2**level, uncertain)
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             tissue_um2 = _tissue_um2(outputs, level)
             writer = CollectionWriter(
                 Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
             )
-            for region in regions:
-                info = known.get(region.value)
+            for info, region in regions:
                 if info is None:
                     continue
                 if region.pixels * level_px_um2 < min_area_um2:
@@ -145,6 +141,21 @@ def write_geojson(
     except OSError as error:
         raise OutputError(f"cannot write GeoJSON ({error.strerror or error})", path) from error
     return path
+
+
+def _all_regions(
+    outputs: SlideStore, level: int, tolerance: float, uncertain: float | None
+) -> Iterator[tuple[ClassInfo | None, Region]]:
+    """``(class, region)`` of every region to export, band by band: the tissue classes, then the
+    ``Uncertain`` regions (below the ``uncertain`` threshold, when given), then QC's artifacts.
+    A region of a value that is not a tissue class comes with None."""
+    known = {c.value: c for c in outputs.tissue_classes}
+    regions: Iterator[Region] = iter_regions(outputs.labels(level), tolerance)
+    if uncertain is not None and UNCERTAIN.value not in known:
+        known[UNCERTAIN.value] = UNCERTAIN
+        regions = itertools.chain(regions, uncertain_regions(outputs, level, uncertain, tolerance))
+    classes = ((known.get(region.value), region) for region in regions)
+    return itertools.chain(classes, artifact_regions(outputs, level, tolerance))
 
 
 def read_summary(path: str | Path) -> dict[str, Any] | None:

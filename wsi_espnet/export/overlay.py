@@ -18,6 +18,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from wsi_espnet.errors import OutputError
 from wsi_espnet.export.confidence_view import legend_lines, with_confidence_view
+from wsi_espnet.export.qc_layers import artifact_legend_lines, draw_artifacts
 from wsi_espnet.export.roi_views import OUTLINE_COLOR, draw_outline
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
@@ -67,6 +68,7 @@ def render_overlay(
     tissue = np.isin(labels, [c.value for c in outputs.tissue_classes])  # never background
     blended = base.astype(np.float32)
     blended[tissue] = (1 - ALPHA) * blended[tissue] + ALPHA * colors[labels[tissue]]
+    blended = draw_artifacts(outputs, blended)
     picture = Image.fromarray(np.round(blended).astype(np.uint8), "RGB")
     roi = read_output_roi(outputs)
     if roi is not None:  # --roi: the region the slide was segmented in
@@ -101,6 +103,7 @@ def _with_legend(
         roi_area = (stats or {}).get("roi_area_mm2")
         lines.append((OUTLINE_COLOR, "ROI outline" + (f"  {roi_area:.3f} {AREA_UNIT}" if roi_area else "")))
     lines += legend_lines(outputs, stats)
+    lines += artifact_legend_lines(stats)
     legend_height = 2 * MARGIN + LINE * len(lines)
     canvas = Image.new("RGB", (picture.width + LEGEND_WIDTH, max(picture.height, legend_height)), "white")
     canvas.paste(picture, (0, 0))

@@ -25,6 +25,7 @@ import numpy as np
 from wsi_espnet.errors import OutputError
 from wsi_espnet.export.geojson import read_summary
 from wsi_espnet.export.overlay import render_overlay
+from wsi_espnet.export.qc_layers import report_section
 from wsi_espnet.export.roi_views import roi_table_html
 from wsi_espnet.store import SlideStore, open_store
 
@@ -72,6 +73,8 @@ def render_report(outputs: SlideStore, slide_thumbnail: np.ndarray | None) -> st
         "<h2>Tissue classes</h2>",
         _statistics_table(outputs, stats, geojson),
         roi_table_html(stats),
+        "<h2>Artifacts (QC)</h2>",
+        report_section(stats),
         "<h2>Slide and model</h2>",
         _table(_provenance(outputs, run)),
         "<h2>Run parameters</h2>",
