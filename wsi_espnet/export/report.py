@@ -24,6 +24,7 @@ import numpy as np
 
 from wsi_espnet.errors import OutputError
 from wsi_espnet.export.geojson import read_summary
+from wsi_espnet.export.html_cells import number_cell
 from wsi_espnet.export.overlay import render_overlay
 from wsi_espnet.export.qc_layers import report_section
 from wsi_espnet.export.roi_views import roi_table_html
@@ -143,18 +144,21 @@ def _statistics_table(outputs: SlideStore, stats: dict[str, Any] | None, geojson
         r, g, b = colors.get(label, (255, 255, 255))
         swatch = f'<span class="swatch" style="background: rgb({r}, {g}, {b})"></span>'
         cells = [
-            _number(row.get("area_mm2"), 4),
-            _number(100 * float(row.get("fraction_of_tissue", 0.0)), 1),
-            _number(row.get("regions"), 0),
-            _number(row.get("largest_region_mm2"), 4),
+            number_cell(row.get("area_mm2"), 4),
+            number_cell(100 * float(row.get("fraction_of_tissue", 0.0)), 1),
+            number_cell(row.get("regions"), 0),
+            number_cell(row.get("largest_region_mm2"), 4),
         ]
         if geojson:
             kept = exported.get(label, {})
-            cells += [_number(kept.get("area_mm2", 0.0), 4), _number(kept.get("specks_dropped_mm2", 0.0), 4)]
+            cells += [
+                number_cell(kept.get("area_mm2", 0.0), 4),
+                number_cell(kept.get("specks_dropped_mm2", 0.0), 4),
+            ]
         if confidence:
             cells += [
-                _number(row.get("mean_confidence"), 3),
-                _number(100 * _or0(row, "low_confidence_fraction"), 1),
+                number_cell(row.get("mean_confidence"), 3),
+                number_cell(100 * _or0(row, "low_confidence_fraction"), 1),
             ]
         rows.append(f"<tr><td>{swatch}{escape(str(row.get('name', label)))}</td>" + "".join(cells) + "</tr>")
     header = (
@@ -193,14 +197,6 @@ def confidence_note(stats: dict[str, Any]) -> str:
 def _or0(row: dict[str, Any], key: str) -> float:
     value = row.get(key)
     return float(value) if isinstance(value, (int, float)) else 0.0
-
-
-def _number(value: Any, digits: int) -> str:
-    try:
-        text = f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        text = "–"
-    return f'<td class="num">{text}</td>'
 
 
 def _provenance(outputs: SlideStore, run: dict[str, Any]) -> dict[str, Any]:

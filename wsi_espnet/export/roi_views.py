@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image, ImageDraw
 from shapely import get_parts
 
+from wsi_espnet.export.html_cells import number_cell
 from wsi_espnet.roi_regions import RoiRegions
 
 OUTLINE_COLOR = (255, 230, 0)
@@ -45,11 +46,11 @@ def roi_table_html(stats: dict[str, Any] | None) -> str:
             f"<td>{int(row.get('index', 0))}</td>",
             f"<td>{escape(str(row.get('name', '')))}</td>",
             f"<td>{escape(str(row.get('class') or 'unclassified'))}</td>",
-            _number(row.get("area_mm2"), 4),
-            _number(row.get("tissue_area_mm2"), 4),
+            number_cell(row.get("area_mm2"), 4),
+            number_cell(row.get("tissue_area_mm2"), 4),
         ]
         fractions = row.get("class_fractions", {})
-        cells += [_number(100 * float(fractions.get(name, 0.0)), 1) for name in classes]
+        cells += [number_cell(100 * float(fractions.get(name, 0.0)), 1) for name in classes]
         body.append("<tr>" + "".join(cells) + "</tr>")
     area = float((stats or {}).get("roi_area_mm2", 0.0))
     r, g, b = OUTLINE_COLOR
@@ -60,11 +61,3 @@ def roi_table_html(stats: dict[str, Any] | None) -> str:
         "alone. Overlapping annotations are each counted in full; class shares are of tissue.</p>\n"
         f"<table>\n<tr>{header}</tr>\n" + "\n".join(body) + "\n</table>"
     )
-
-
-def _number(value: Any, digits: int) -> str:
-    try:
-        text = f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        text = "–"
-    return f'<td class="num">{text}</td>'
