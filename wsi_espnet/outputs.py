@@ -140,6 +140,7 @@ class SlideOutput:
         """One row per ROI annotation: area, tissue area and class fractions."""
         return self.file(".roi.csv")
 
+    @property
     def artifacts_csv(self) -> Path:
         """Artifact QC's areas per kind (``--qc flag|exclude``), apart from the class table."""
         return self.file(".artifacts.csv")
