@@ -39,6 +39,7 @@ CLASSES = [
     for c in load_card("breast-tissue-espnet").classes
 ]
 EXPORTERS = ("geojson", "ometiff", "png", "html")
+SPARSE_COPIES = 4
 
 
 def fragment_labels(side: int = BASE_SIDE, seed: int = 0) -> np.ndarray:
@@ -55,13 +56,18 @@ def fragment_labels(side: int = BASE_SIDE, seed: int = 0) -> np.ndarray:
     return labels
 
 
-def build_store(folder: Path, base: np.ndarray, repeat: int) -> Path:
-    """``folder/<stem>.ome.zarr``: ``base`` tiled ``repeat x repeat``, written chunk by chunk."""
+def build_store(folder: Path, base: np.ndarray, repeat: int, sparse: bool = False) -> Path:
+    """``folder/<stem>.ome.zarr``: ``base`` tiled ``repeat x repeat``, written chunk by chunk.
+
+    ``sparse`` writes only ``SPARSE_COPIES`` copies of ``base`` on a diagonal of the same map and
+    leaves the rest glass, as on a biopsy slide (a 16x16 map: 4 of 256 base areas, 1.6 % of chunks).
+    """
     from wsi_espnet.grid import TileGrid
     from wsi_espnet.store import SlideStore
 
     side = base.shape[0] * repeat
-    stem = f"tiled{repeat}x{repeat}"
+    stem = f"sparse{repeat}x{repeat}" if sparse else f"tiled{repeat}x{repeat}"
+    copies = {(k * repeat // SPARSE_COPIES, k * repeat // SPARSE_COPIES) for k in range(SPARSE_COPIES)}
     store_path = folder / stem / f"{stem}.ome.zarr"
     slide = {"path": "", "mpp": SLIDE_MPP, "dimensions": [2 * side, 2 * side], "bounds_offset": [0, 0]}
     attrs = {"model": {"name": "synthetic", "sha256": ""}, "slide": slide}
@@ -73,6 +79,8 @@ def build_store(folder: Path, base: np.ndarray, repeat: int) -> Path:
         for ix in range(side // CHUNK):
             by, bx = (iy % per_base) * CHUNK, (ix % per_base) * CHUNK
             labels = base[by : by + CHUNK, bx : bx + CHUNK]
+            if sparse and (iy // per_base, ix // per_base) not in copies:
+                continue
             if not labels.any():
                 continue  # glass: never written, reads as background
             scores = np.stack([(labels == c["value"]).astype(np.uint8) * 255 for c in CLASSES])
@@ -134,6 +142,11 @@ def main() -> None:
         help="also a 32768² (1.07 GPx) map, for the exporters in --gpx-exporters",
     )
     parser.add_argument("--gpx-exporters", default="ometiff,png,html", help="[ometiff,png,html]")
+    parser.add_argument(
+        "--sparse",
+        action="store_true",
+        help="also a 16x16-base map with only 4 copies of the base on glass (a biopsy's sparsity)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="keep the stores here [a temp folder]")
     parser.add_argument("--export", nargs=2, metavar=("NAME", "STORE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -145,19 +158,19 @@ def main() -> None:
     points = [(args.side // BASE_SIDE, chosen), (2 * args.side // BASE_SIDE, chosen)]
     if args.gpx:
         points.append((32768 // BASE_SIDE, tuple(args.gpx_exporters.split(","))))
+    sparse = [(16, chosen)] if args.sparse else []
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.out or Path(scratch)
         rows = []
-        for repeat, exporters in points:
+        for (repeat, exporters), is_sparse in [*((p, False) for p in points), *((p, True) for p in sparse)]:
             start = time.perf_counter()
-            store = build_store(folder, base, repeat)
+            store = build_store(folder, base, repeat, is_sparse)
             built = time.perf_counter() - start
             mpx = (BASE_SIDE * repeat) ** 2 / 1e6
             for name in exporters:
                 result = run_exporter(name, store)
-                rows.append(
-                    {"exporter": name, "mpx": round(mpx, 1), "store_build_s": round(built, 1), **result}
-                )
+                row = {"exporter": name, "mpx": round(mpx, 1), "store_build_s": round(built, 1), **result}
+                rows.append({**row, "sparse": is_sparse})
                 print(json.dumps(rows[-1]), flush=True)
     print_table(rows)
 
