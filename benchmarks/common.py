@@ -236,3 +236,11 @@ def emit(result: dict[str, Any]) -> None:
     )
     result = {**result, "maxrss_mib": round(peak_kib / 1024, 1)}
     print(RESULT_PREFIX + json.dumps(result, default=str), flush=True)
+
+
+def report(result: dict[str, Any], out: Path | None) -> None:
+    """Print a stand-alone benchmark's result as JSON, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.write_text(text + "\n")

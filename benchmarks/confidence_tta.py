@@ -22,7 +22,6 @@ that is mostly white margin, which these models never saw in training).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.common import REAL_SLIDE
+from benchmarks.common import REAL_SLIDE, report
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.predict import Predictor
 from wsi_espnet.tiled import RunOptions, infer_image
@@ -163,10 +162,7 @@ def main() -> None:
             result[f"loo_{geometry}"] = loo_with_tta(folds, geometry)
     if "cost" in sections:
         result["cost"] = tta_cost(load_card("breast-tissue-espnet"))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.common import report
+
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_SLIDE = SHARED_DATA / "wsi_aperio_cmu1_small_region" / "CMU-1-Small-Region.svs"
 STAGES = ("read_s", "inference_s", "tissue_refine_s", "write_s", "qc_s")
@@ -78,10 +80,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"{args.slide}: no such slide")
     with tempfile.TemporaryDirectory(prefix="qc-cost-") as scratch:
         result = measure(args.slide, args.repeats, args.extra, Path(scratch))
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(result, args.out)
     return result
 
 

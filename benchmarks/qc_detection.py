@@ -11,7 +11,6 @@ seconds per megapixel. Everything at the shipped card's 1 µm/px, as ``segment``
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import tifffile
 from PIL import Image
 from skimage import color
 
+from benchmarks.common import report
 from benchmarks.qc_cost import SHARED_DATA
 from benchmarks.qc_paint import (
     analyse,
@@ -130,10 +130,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "unpainted": _unpainted(workdir),
             "fluorescence": _fluorescence(workdir),
         }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(result, args.out)
     return result
 
 
