@@ -23,7 +23,7 @@ from shapely.geometry import shape
 from wsi_espnet.confidence import DEFAULT_LOW_CONFIDENCE
 from wsi_espnet.config import OutputSettings, load_settings
 from wsi_espnet.export import export_all
-from wsi_espnet.export.geojson import write_geojson
+from wsi_espnet.export.geojson import Frame, write_geojson
 from wsi_espnet.export.uncertain import UNCERTAIN
 from wsi_espnet.grid import TileGrid
 from wsi_espnet.models.cards import load_card
@@ -189,7 +189,8 @@ def test_uncertain_geojson_regions_are_valid_locked_and_large_enough(run: SlideS
         assert shape(feature["geometry"]).is_valid
     # One feature per region with exact pixel edges: every region is at least the minimum, and
     # regions plus dropped specks are exactly the uncertain tissue pixels of the arrays.
-    path = write_geojson(run, tmp_path / "regions.geojson", True, MIN_AREA_UM2, 0.0, uncertain=THRESHOLD)
+    frame = Frame(uncertain_below=THRESHOLD)
+    path = write_geojson(run, tmp_path / "regions.geojson", True, MIN_AREA_UM2, 0.0, frame)
     regions = _uncertain_features(path)
     um2 = run.slide_mpp**2
     areas = [shape(f["geometry"]).area * um2 for f in regions]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import ConfigError, WsiEspnetError
-from wsi_espnet.export.geojson import write_geojson
+from wsi_espnet.export.geojson import Frame, write_geojson
 from wsi_espnet.export.ometiff import write_ome_tiff
 from wsi_espnet.export.overlay import write_overlay
 from wsi_espnet.export.report import write_report
@@ -79,11 +80,11 @@ def export_all(
         thumbnail = read_slide_thumbnail(store)
     written: dict[str, list[Path]] = {}
     if "geojson" in formats:
-        options: dict[str, float] = {}
+        options: dict[str, Any] = {}
         if settings.geojson_min_area_um2 is not None:
             options["min_area_um2"] = settings.geojson_min_area_um2
         if settings.geojson_uncertain and store.confidence(0) is not None:
-            options["uncertain"] = uncertain_threshold(store, settings.low_confidence)
+            options["frame"] = Frame(uncertain_below=uncertain_threshold(store, settings.low_confidence))
         written["geojson"] = [
             write_geojson(store, f"{base}.geojson", per_region=settings.geojson_per_region, **options)
         ]

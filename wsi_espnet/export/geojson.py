@@ -63,14 +63,18 @@ SUMMARY_KEY = "wsi_espnet"
 
 @dataclass(frozen=True)
 class Frame:
-    """Which pixels the GeoJSON describes, for the rare caller that needs another than QuPath's.
+    """Which pixels the GeoJSON describes, and whether it adds the ``Uncertain`` class.
 
     ``level`` forces a pyramid level (default: level 0 unless larger than ``MAX_VECTOR_SIDE``);
     ``subtract_bounds=False`` keeps OpenSlide's uncropped frame (QuPath's Bio-Formats server).
+    ``uncertain_below`` (a confidence threshold, 0-1) adds the class "Uncertain": tissue whose
+    confidence is below it (:mod:`wsi_espnet.export.uncertain`); ``export_all`` sets it from
+    the run's ``--low-confidence`` unless ``--no-uncertain``.
     """
 
     level: int | None = None
     subtract_bounds: bool = True
+    uncertain_below: float | None = None
 
 
 def write_geojson(
@@ -80,14 +84,11 @@ def write_geojson(
     min_area_um2: float = DEFAULT_MIN_AREA_UM2,
     simplify_px: float = DEFAULT_SIMPLIFY_PX,
     frame: Frame = Frame(),
-    uncertain: float | None = None,
 ) -> Path:
     """Write a FeatureCollection of locked annotations: per class (in parts), or per connected region.
 
     ``simplify_px`` is the simplification tolerance in analysis pixels (0 keeps pixel edges).
-    ``uncertain`` (a confidence threshold) adds the class "Uncertain": tissue whose confidence
-    is below it (:mod:`wsi_espnet.export.uncertain`). A store without tissue gives a valid
-    FeatureCollection without features.
+    A store without tissue gives a valid FeatureCollection without features.
     """
     outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
@@ -109,14 +110,14 @@ def write_geojson(
         "simplify_px": simplify_px,
         "level": level,
         "level_mpp": outputs.level_mpp(level),
-        "uncertain_below": uncertain,
+        "uncertain_below": frame.uncertain_below,
     }
     roi = read_output_roi(outputs)
     clip = None if roi is None else roi.at_level(level)  # --roi: outlines follow the drawn boundary
     if clip is not None:
         shapely.prepare(clip)
         settings["roi"] = outputs.output.roi_geojson.name
-    regions = _all_regions(outputs, level, simplify_px / 2**level, uncertain)
+    regions = _all_regions(outputs, level, simplify_px / 2**level, frame.uncertain_below)
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             tissue_um2 = _tissue_um2(outputs, level)
