@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from wsi_espnet.export.resample import layer_at_size
 from wsi_espnet.store import SlideStore
 
 GAP = 8  # white px between the class view and the confidence view
@@ -36,15 +37,7 @@ def viridis(values: np.ndarray) -> np.ndarray:
 
 def confidence_at_size(outputs: SlideStore, height: int, width: int) -> np.ndarray | None:
     """The confidence (uint8) resampled (nearest) to ``height x width``, None without the layer."""
-    if outputs.confidence(0) is None:
-        return None
-    for level in reversed(range(outputs.n_levels)):
-        array = outputs.confidence(level)
-        if array.shape[0] >= height and array.shape[1] >= width:
-            break
-    step = max(1, min(array.shape[0] // height, array.shape[1] // width))
-    coarse = np.asarray(array[::step, ::step])
-    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
+    return layer_at_size(outputs.confidence, outputs.n_levels, height, width)
 
 
 def with_confidence_view(picture: Image.Image, outputs: SlideStore, tissue: np.ndarray) -> Image.Image:

@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw, ImageFont
 from wsi_espnet.errors import OutputError
 from wsi_espnet.export.confidence_view import legend_lines, with_confidence_view
 from wsi_espnet.export.qc_layers import artifact_legend_lines, draw_artifacts
+from wsi_espnet.export.resample import layer_at_size
 from wsi_espnet.export.roi_views import OUTLINE_COLOR, draw_outline
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
@@ -79,13 +80,9 @@ def render_overlay(
 
 def labels_at_size(outputs: SlideStore, height: int, width: int) -> np.ndarray:
     """The label map resampled (nearest) to ``height x width`` from the coarsest level that covers it."""
-    for level in reversed(range(outputs.n_levels)):
-        array = outputs.labels(level)
-        if array.shape[0] >= height and array.shape[1] >= width:
-            break
-    step = max(1, min(array.shape[0] // height, array.shape[1] // width))
-    coarse = np.asarray(array[::step, ::step])
-    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
+    labels = layer_at_size(outputs.labels, outputs.n_levels, height, width)
+    assert labels is not None
+    return labels
 
 
 def _with_legend(

@@ -12,11 +12,11 @@ from html import escape
 from typing import Any
 
 import numpy as np
-from PIL import Image
 from scipy import ndimage
 
 from wsi_espnet.classes import ClassInfo
 from wsi_espnet.export.bands import Region, iter_regions
+from wsi_espnet.export.resample import layer_at_size
 from wsi_espnet.qc_kinds import FLAGGED, geojson_class
 from wsi_espnet.store import SlideStore
 
@@ -37,15 +37,7 @@ def artifact_regions(store: SlideStore, level: int, tolerance: float) -> Iterato
 
 def artifacts_at_size(store: SlideStore, height: int, width: int) -> np.ndarray | None:
     """The artifact map resampled (nearest) to ``height x width``, or None without QC."""
-    for level in reversed(range(store.n_levels)):
-        array = store.artifacts(level)
-        if array is None:
-            return None
-        if array.shape[0] >= height and array.shape[1] >= width:
-            break
-    step = max(1, min(array.shape[0] // height, array.shape[1] // width))
-    coarse = np.asarray(array[::step, ::step])
-    return np.asarray(Image.fromarray(coarse).resize((width, height), Image.Resampling.NEAREST))
+    return layer_at_size(store.artifacts, store.n_levels, height, width)
 
 
 def draw_artifacts(store: SlideStore, picture: np.ndarray) -> np.ndarray:
