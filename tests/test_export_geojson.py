@@ -329,3 +329,21 @@ def test_large_classes_are_split_into_parts(tmp_path: Path, monkeypatch: pytest.
             assert vertices <= 200 or len(polygons) == 1
     a, b = _class_geometries(whole), _class_geometries(split)
     assert all(shapely.symmetric_difference(a[n], b[n]).area < 1e-6 for n in a)
+
+
+def test_specks_are_counted_whole_across_seams(tmp_path: Path) -> None:
+    """In-chunk specks are pruned before vectorising; a region split by a seam is judged whole."""
+    labels = np.zeros((128, 128), np.uint8)
+    labels[10:13, 10:13] = 1  # 9 px inside one chunk: a speck
+    labels[30:33, 62:66] = 2  # 12 px across the x seam at 64 (6 px each side): a speck
+    labels[80:84, 60:68] = 3  # 32 px across the seam, 16 px each side: kept (>= 20 px)
+    labels[100:104, 100:105] = 3  # 20 px inside one chunk: kept, exactly at the threshold
+    store = write_store(tmp_path, labels, tile=64, n_levels=1)
+    path = write_geojson(store, tmp_path / "out.geojson", min_area_um2=20 * 4, simplify_px=0)
+    collection = _load(path)
+    rows = {row["value"]: row for row in collection["wsi_espnet"]["classes"]}
+    assert rows[1]["specks_dropped"] == 1 and rows[1]["specks_dropped_mm2"] == pytest.approx(9 * 4e-6)
+    assert rows[2]["specks_dropped"] == 1 and rows[2]["specks_dropped_mm2"] == pytest.approx(12 * 4e-6)
+    assert rows[3]["specks_dropped"] == 0 and rows[3]["regions"] == 2
+    (feature,) = collection["features"]
+    assert feature["properties"]["measurements"]["Area µm^2"] == pytest.approx((32 + 20) * 4)

@@ -30,12 +30,10 @@ pyramid level that fits: below the simplification tolerance the extra detail is 
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,10 +45,10 @@ from shapely.geometry import MultiPolygon, Polygon
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.errors import ConfigError, OutputError
-from wsi_espnet.export.bands import Region, iter_regions
+from wsi_espnet.export.bands import BandVectoriser, LabelLayer
 from wsi_espnet.export.geojson_file import CollectionWriter
-from wsi_espnet.export.qc_layers import artifact_regions
-from wsi_espnet.export.uncertain import UNCERTAIN, uncertain_regions
+from wsi_espnet.export.qc_layers import artifact_classes
+from wsi_espnet.export.uncertain import UNCERTAIN, uncertain_mask
 from wsi_espnet.roi import read_output_roi
 from wsi_espnet.store import SlideStore, open_store
 
@@ -117,14 +115,18 @@ def write_geojson(
     if clip is not None:
         shapely.prepare(clip)
         settings["roi"] = outputs.output.roi_geojson.name
-    regions = _all_regions(outputs, level, simplify_px / 2**level, frame.uncertain_below)
+    layers = _layers(outputs, level, frame.uncertain_below)
+    vectoriser = BandVectoriser(
+        [array for array, _ in layers], simplify_px / 2**level, min_area_um2 / level_px_um2
+    )
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
             tissue_um2 = _tissue_um2(outputs, level)
             writer = CollectionWriter(
                 Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
             )
-            for info, region in regions:
+            for index, region in vectoriser:
+                info = layers[index][1].get(region.value)
                 if info is None:
                     continue
                 if region.pixels * level_px_um2 < min_area_um2:
@@ -136,6 +138,9 @@ def write_geojson(
                 geometry = level0_polygons(geometry, transform)
                 if not geometry.is_empty:
                     writer.add(info, geometry)
+            for (index, value), (count, pixels) in sorted(vectoriser.specks.items()):
+                if (info := layers[index][1].get(value)) is not None:
+                    writer.drop(info, pixels * level_px_um2, count)
             staged = Path(scratch) / "collection.geojson"
             writer.assemble(staged, SUMMARY_KEY, settings)
             os.replace(staged, path)
@@ -144,19 +149,22 @@ def write_geojson(
     return path
 
 
-def _all_regions(
-    outputs: SlideStore, level: int, tolerance: float, uncertain: float | None
-) -> Iterator[tuple[ClassInfo | None, Region]]:
-    """``(class, region)`` of every region to export, band by band: the tissue classes, then the
-    ``Uncertain`` regions (below the ``uncertain`` threshold, when given), then QC's artifacts.
-    A region of a value that is not a tissue class comes with None."""
+def _layers(
+    outputs: SlideStore, level: int, uncertain: float | None
+) -> list[tuple[LabelLayer, dict[int, ClassInfo]]]:
+    """The layers to vectorise with the class of each exported value: the tissue classes, the
+    ``Uncertain`` mask (below the ``uncertain`` threshold, when given) and QC's artifacts."""
     known = {c.value: c for c in outputs.tissue_classes}
-    regions: Iterator[Region] = iter_regions(outputs.labels(level), tolerance)
-    if uncertain is not None and UNCERTAIN.value not in known:
-        known[UNCERTAIN.value] = UNCERTAIN
-        regions = itertools.chain(regions, uncertain_regions(outputs, level, uncertain, tolerance))
-    classes = ((known.get(region.value), region) for region in regions)
-    return itertools.chain(classes, artifact_regions(outputs, level, tolerance))
+    layers: list[tuple[LabelLayer, dict[int, ClassInfo]]] = [(outputs.labels(level), known)]
+    mask = (
+        None if uncertain is None or UNCERTAIN.value in known else uncertain_mask(outputs, level, uncertain)
+    )
+    if mask is not None:
+        layers.append((mask, {1: UNCERTAIN}))
+    artifacts = outputs.artifacts(level)
+    if artifacts is not None:
+        layers.append((artifacts, artifact_classes()))
+    return layers
 
 
 def read_summary(path: str | Path) -> dict[str, Any] | None:

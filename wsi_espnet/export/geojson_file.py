@@ -69,10 +69,10 @@ class CollectionWriter:
             self.tallies[info.value] = _Tally(info)
         return self.tallies[info.value]
 
-    def drop(self, info: ClassInfo, area_um2: float) -> None:
-        """Count a speck that is not exported."""
+    def drop(self, info: ClassInfo, area_um2: float, count: int = 1) -> None:
+        """Count specks that are not exported (``count`` of them, ``area_um2`` in all)."""
         tally = self._tally(info)
-        tally.specks += 1
+        tally.specks += count
         tally.speck_um2 += area_um2
 
     def add(self, info: ClassInfo, geometry: MultiPolygon) -> None:

@@ -2,12 +2,12 @@
 
 Reads the store's ``labels/artifacts`` layer (absent with ``--qc off`` or in older stores, when
 every function here adds nothing). GeoJSON regions come from the same band-wise vectoriser as
-the tissue classes (:func:`wsi_espnet.export.bands.iter_regions`), so memory stays one band.
+the tissue classes, in the same pass (:class:`wsi_espnet.export.bands.BandVectoriser`), so
+memory stays one band.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from html import escape
 from typing import Any
 
@@ -15,7 +15,6 @@ import numpy as np
 from scipy import ndimage
 
 from wsi_espnet.classes import ClassInfo
-from wsi_espnet.export.bands import Region, iter_regions
 from wsi_espnet.export.resample import layer_at_size
 from wsi_espnet.qc_kinds import FLAGGED, geojson_class
 from wsi_espnet.store import SlideStore
@@ -24,15 +23,9 @@ HATCH = 6  # px between hatch lines in the overlay
 AREA_UNIT = "mm^2"
 
 
-def artifact_regions(store: SlideStore, level: int, tolerance: float) -> Iterator[tuple[ClassInfo, Region]]:
-    """Each connected artifact region of ``level`` with its QuPath class (``Artifact: <kind>``)."""
-    layer = store.artifacts(level)
-    if layer is None:
-        return
-    classes = {kind.value: geojson_class(kind) for kind in FLAGGED}
-    for region in iter_regions(layer, tolerance):
-        if region.value in classes:
-            yield classes[region.value], region
+def artifact_classes() -> dict[int, ClassInfo]:
+    """The GeoJSON class (``Artifact: <kind>``) of each flagged value of the artifact layer."""
+    return {kind.value: geojson_class(kind) for kind in FLAGGED}
 
 
 def artifacts_at_size(store: SlideStore, height: int, width: int) -> np.ndarray | None:

@@ -13,7 +13,6 @@ marked for review. The threshold is the one the statistics were computed with (t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,7 +20,6 @@ import zarr
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.confidence import below
-from wsi_espnet.export.bands import Region, iter_regions
 from wsi_espnet.store import SlideStore
 
 #: Its value is only a key inside the export (never a label value in the store); yellow is
@@ -30,7 +28,7 @@ UNCERTAIN = ClassInfo(255, "Uncertain", (255, 215, 0))
 
 
 class UncertainMask:
-    """What :func:`~wsi_espnet.export.bands.iter_regions` reads: 1 where tissue is uncertain, else 0.
+    """What :class:`~wsi_espnet.export.bands.BandVectoriser` reads: 1 where tissue is uncertain, else 0.
 
     Only the attributes the vectoriser uses (shape, chunking, slicing) are provided; every slice
     reads the same window of the label map and the confidence image.
@@ -47,14 +45,10 @@ class UncertainMask:
         return ((labels != BACKGROUND) & low).astype(np.uint8)
 
 
-def uncertain_regions(store: SlideStore, level: int, threshold: float, tolerance: float) -> Iterator[Region]:
-    """Connected uncertain regions of ``level`` (value :data:`UNCERTAIN`), none without confidence."""
+def uncertain_mask(store: SlideStore, level: int, threshold: float) -> UncertainMask | None:
+    """The uncertain-tissue mask of ``level`` (value 1), None for a store without confidence."""
     confidence = store.confidence(level)
-    if confidence is None:
-        return
-    for region in iter_regions(UncertainMask(store.labels(level), confidence, threshold), tolerance):
-        region.value = UNCERTAIN.value
-        yield region
+    return None if confidence is None else UncertainMask(store.labels(level), confidence, threshold)
 
 
 def uncertain_threshold(store: SlideStore, default: float) -> float:
