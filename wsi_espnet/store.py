@@ -47,7 +47,7 @@ from wsi_espnet.ngff import (
     pyramid_shapes,
 )
 from wsi_espnet.outputs import SlideOutput, find_store
-from wsi_espnet.pyramid import build_layer_levels, build_levels, mean_nonzero_2x2, mode_2x2, write_unit
+from wsi_espnet.pyramid import Layer, build_levels, mean_2x2, mean_nonzero_2x2, mode_2x2, write_unit
 from wsi_espnet.qc_kinds import ARTIFACTS_NAME, KINDS
 
 ATTRS_KEY = "wsi_espnet"
@@ -338,13 +338,16 @@ class SlideStore:
         their parents are visited.
         """
         written = None if written is None else list(written)
-        levels = [(self.scores(n), self.labels(n)) for n in range(self.n_levels)]
-        build_levels(levels, written, client)
+        levels = range(self.n_levels)
+        layers = [
+            Layer([self.scores(n) for n in levels], mean_2x2),
+            Layer([self.labels(n) for n in levels], mode_2x2),
+        ]
         if self.confidence(0) is not None:
-            levels = [self.confidence(n) for n in range(self.n_levels)]
-            build_layer_levels(levels, mean_nonzero_2x2, written, client)
+            layers.append(Layer([self.confidence(n) for n in levels], mean_nonzero_2x2))
         if self.artifacts(0) is not None:
-            build_layer_levels([self.artifacts(n) for n in range(self.n_levels)], mode_2x2, written, client)
+            layers.append(Layer([self.artifacts(n) for n in levels], mode_2x2))
+        build_levels(layers, written, client)
 
 
 def open_store(target: str | Path | SlideStore) -> SlideStore:
