@@ -68,10 +68,18 @@ class Region:
     def geometry(self) -> shapely.Geometry:
         """The region as one geometry: pieces dissolved across the seams, collinear vertices removed.
 
-        The pieces are a coverage (they meet only along seams, vertex for vertex), so GEOS's
-        coverage union dissolves them without the overlay of a general union (4x faster here).
+        Simplified pieces are a coverage (they meet only along seams, vertex for vertex, since
+        they were segmentised), so GEOS's coverage union dissolves them without the overlay of
+        a general union (4x faster here). Exact pieces (tolerance 0) are not noded alike along
+        the seams; coverage union refuses them and the general union does it.
         """
-        merged = self.pieces[0] if len(self.pieces) == 1 else shapely.coverage_union_all(self.pieces)
+        if len(self.pieces) == 1:
+            merged = self.pieces[0]
+        else:
+            try:
+                merged = shapely.coverage_union_all(self.pieces)
+            except shapely.errors.GEOSException:
+                merged = shapely.union_all(self.pieces)
         return shapely.simplify(merged, 0.0)  # drops the one-per-pixel vertices of straight runs
 
 
