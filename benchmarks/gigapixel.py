@@ -94,9 +94,12 @@ def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dic
     union = halo_union_px(chunks, shape, tile, halo)
     input_px, source = _input_px(run, len(chunks), tile, halo)
     timings = _flat_timings(run.get("timings", {}))
-    # Exports run two at a time: their wall time, when run.json has it, not their sum.
+    # The finalise task's wall time when run.json has it (the GeoJSON overlaps the pyramid);
+    # else, for older runs, its stages added up, the exports (two at a time) by their wall time.
     exports = timings.get("exports_wall_s", timings.get("exports_s", 0.0))
-    post = timings.get("pyramid_s", 0.0) + timings.get("statistics_s", 0.0) + exports
+    post = timings.get(
+        "finalise_wall_s", timings.get("pyramid_s", 0.0) + timings.get("statistics_s", 0.0) + exports
+    )
     limit_s = union / (rate * 1e6)
     return {
         "analysis_shape": list(shape),

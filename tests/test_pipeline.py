@@ -49,6 +49,7 @@ def test_sample_slide_produces_every_output(sample_run):
     assert run["versions"]["torch"].startswith("2.")
     assert run["parameters"]["tile"] == 256
     stages = {"prepare_s", "read_s", "inference_s", "write_s", "pyramid_s", "statistics_s", "exports_s"}
+    stages |= {"exports_wall_s", "finalise_wall_s"}
     assert set(run["timings"]) >= stages
     assert set(run["timings"]["exports_s"]) == {"geojson", "ometiff", "png", "html"}
     blocks = run["inference"]
