@@ -126,7 +126,7 @@ def test_block_size_from_memory_budget() -> None:
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=exact - 1) == 2
     assert choose_block_chunks("cpu", 2, 512, 256, budget_bytes=exact) == 1  # two windows at once
     assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=1) == 1  # a lone chunk at least
-    assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=10**15) == 6  # capped at 3072 px
+    assert choose_block_chunks("cpu", 1, 512, 256, budget_bytes=10**15) == 5  # capped at 2560 px
     assert choose_block_chunks("cuda", 1, 512, 256, budget_bytes=10**15) == 8  # GPU: at 4096 px
     assert 1 <= choose_block_chunks("cpu", 4, 512, 256) <= 6  # from the machine's RAM
     assert choose_block_chunks("cuda", 4, 512, 256, budget_bytes=4 * exact) == 3  # batch of 4 on a GPU

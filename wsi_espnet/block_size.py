@@ -36,9 +36,10 @@ MAX_CORE_PX = 4096
 # On a CPU the cost per input pixel rises with the window (2 threads, torch 2.13, one run each:
 # 1.59, 1.24, 1.19, 1.09 and 1.00 MPx/s at windows 1024, 2048, 2560, 3584 and 4608), so output per
 # second on solid tissue peaks at a 2560-3072 px core (0.82 and 0.80 output MPx/s, against 0.79 at
-# 4096) while memory keeps growing (2.9 GiB at 3584², 4.3 GiB at 4608²). A 3072-px core keeps the
-# planner within 1.23x of the halo-union floor on biopsy-like tissue.
-MAX_CORE_PX_CPU = 3072
+# 4096) while memory keeps growing (1.9 GiB at 3072², 2.9 GiB at 3584², 4.3 GiB at 4608²). A
+# 2560-px core (5 chunks) keeps the planner within 1.24x of the halo-union floor on biopsy-like
+# tissue (1.22x at 3072; ``python -m benchmarks.block_plan``) for two thirds of the memory.
+MAX_CORE_PX_CPU = 2560
 
 
 def choose_block_chunks(
