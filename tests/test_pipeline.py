@@ -172,7 +172,7 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     value naming the file once, not as an exception that Dask would retry."""
     import shutil
 
-    from wsi_espnet.finalise import run_finalise
+    from wsi_espnet.finalise import run_complete, run_pyramid, run_statistics
     from wsi_espnet.infer import infer_task
     from wsi_espnet.prepare import prepare_slide
     from wsi_espnet.runstate import Failed, SlidePlan
@@ -184,5 +184,7 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     (tmp_path / "moved.tif").unlink()
     failed = infer_task(plan, list(plan.blocks[:1]), settings.inference)
     assert isinstance(failed, Failed) and failed.error.count("moved.tif") == 1
-    assert run_finalise(plan, settings.outputs, failed) == failed  # finalise does not run
+    assert run_statistics(plan, settings.outputs, failed) == failed  # finalise does not run
+    assert run_pyramid(plan, failed) == failed
+    assert run_complete(plan, settings.outputs, [failed, failed], failed) == failed
     assert json.loads((tmp_path / "out" / "moved" / "run.json").read_text())["status"] == "running"

@@ -1,24 +1,33 @@
-"""The finalise task of one slide: statistics, pyramid, exports, then the ``complete`` status.
+"""What runs after a slide's last block: statistics, pyramid, exports, then the ``complete`` status.
 
+These are separate Dask tasks, so they spread over the workers instead of sharing one worker's
+threads and its GIL (measured on the 40x benchmark slide with one finalise task: 56 s, against
+about 25 s of the same work in separate processes)::
+
+    infer tasks ─┬─ statistics ── GeoJSON (level 0) ──────────┐
+                 └─ pyramid ───── OME-TIFF, PNG (read levels) ─┴─ complete (status, report)
+
+The statistics and a level-0 GeoJSON read only level 0, so they do not wait for the pyramid.
 Pyramid and statistics visit only the chunks that were written (and, for the pyramid, their
 parents): on a biopsy slide that is mostly glass they cost what its tissue costs, not what its
-area costs. The HTML report is written last, after the status is ``complete``, so it shows the
-status that run.json holds.
+area costs. Every stage returns a :class:`Failed` value for a user problem (it is passed on to
+``complete``, which reports the first); ``complete`` writes the status last, then the HTML
+report, so the report shows the status that run.json holds.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 import dask
-import numpy as np
 
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
-from wsi_espnet.export import export_all, read_slide_thumbnail
-from wsi_espnet.export.geojson import geojson_level
+from wsi_espnet.export import export_all
+from wsi_espnet.export.geojson import MAX_VECTOR_SIDE
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
@@ -28,118 +37,169 @@ from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statis
 from wsi_espnet.store import SlideStore
 
 REPORT = "html"
-EXPORT_THREADS = 2
+GEOJSON = "geojson"
 
 
-def _stage_seconds(inferred: list[Inferred]) -> dict[str, float]:
-    """Seconds per inference stage summed over the slide's infer tasks (run.json ``timings``)."""
-    return {
-        "read_s": sum(i.read_s for i in inferred),
-        "inference_s": sum(i.inference_s for i in inferred),
-        "tissue_refine_s": sum(i.tissue_s for i in inferred),
-        "write_s": sum(i.write_s for i in inferred),
-        "qc_s": sum(i.qc_s for i in inferred),
-    }
+@dataclass(frozen=True)
+class Stage:
+    """What one finalise stage did: wall-clock start and end (``time.time``, comparable across
+    the workers of one machine or a cluster with synchronised clocks) and what ``complete`` needs."""
+
+    name: str
+    started: float
+    ended: float
+    tissue_area_mm2: float | None = None  # the statistics stage's
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
 
 
-def finalise_slide(plan: SlidePlan, settings: OutputSettings, inferred: list[Inferred]) -> Done:
-    """Statistics, pyramid, exports, then — last — the ``complete`` status and the report.
+def submit_finalise(
+    submit: Callable[..., Any],
+    plan: SlidePlan,
+    plan_future: Any,
+    settings: OutputSettings,
+    inferred: list[Any],
+) -> Any:
+    """Submit the slide's finalise graph after its ``inferred`` futures; return ``complete``'s future.
 
-    Runs on a worker. Dask calls inside it use the local threaded scheduler: a task must not
-    block on the cluster it runs on. The statistics and a level-0 GeoJSON read only level 0, so
-    they do not wait for the pyramid: the GeoJSON (mostly one core of GEOS and GDAL) runs while
-    the pyramid is built, and the exports that read coarse levels start once it is.
+    ``submit(func, *args)`` submits one task (``Client.submit`` with the run's options).
     """
-    started = time.perf_counter()
-    timings = _stage_seconds(inferred)
-    store = SlideStore.open(plan.output.store)
-    written = ProgressLog(plan.output.progress_dir).done()
-    t0 = time.perf_counter()
-    stats = _write_statistics(plan, settings, store, written)
-    timings["statistics_s"] = time.perf_counter() - t0
+    statistics = submit(run_statistics, plan_future, settings, *inferred)
+    pyramid = submit(run_pyramid, plan_future, *inferred)
+    level0 = max(plan.grid.shape) <= MAX_VECTOR_SIDE  # the GeoJSON's default level is then 0
+    exports = [
+        submit(
+            run_export,
+            plan_future,
+            settings,
+            fmt,
+            statistics,
+            *(() if fmt == GEOJSON and level0 else (pyramid,)),
+        )
+        for fmt in settings.formats
+        if fmt != REPORT
+    ]
+    return submit(run_complete, plan_future, settings, [statistics, pyramid, *exports], *inferred)
+
+
+def _first_failure(values: tuple[Any, ...] | list[Any]) -> Failed | None:
+    return next((value for value in values if isinstance(value, Failed)), None)
+
+
+def run_statistics(plan: SlidePlan, settings: OutputSettings, *inferred: Inferred | Failed) -> Stage | Failed:
+    """Statistics from level 0: stats.json/.csv (and the ROI and QC tables); run.json ``exporting``."""
+    if (failed := _first_failure(inferred)) is not None:
+        return failed
+    started = time.time()
+    try:
+        store = SlideStore.open(plan.output.store)
+        written = ProgressLog(plan.output.progress_dir).done()
+        with dask.config.set(scheduler="threads"):
+            options = StatisticsOptions(plan.roi, settings.low_confidence)
+            stats = compute_statistics(
+                store, plan.tissue, plan.mpp / plan.slide_mpp, written, options=options
+            )
+        write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
+        if "roi" in stats:
+            write_roi_csv(stats["roi"], plan.output.roi_csv)
+        write_artifacts_csv(stats, plan.output.artifacts_csv)
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
     area = float(stats["tissue_area_mm2"])
     warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
     warnings += qc_warnings(plan.job.path, plan.qc, stats)
-    processed = sum(i.chunks for i in inferred)
+    processed = sum(i.chunks for i in inferred if isinstance(i, Inferred))
+    timings = {**_stage_seconds(inferred), "statistics_s": time.time() - started}
     record = RunRecord.read(plan.output).finished(processed, timings, area)
     record = record.with_fields(
         inference={
             **record.fields.get("inference", {}),
-            "input_pixels_this_run": sum(i.input_pixels for i in inferred),
+            "input_pixels_this_run": sum(i.input_pixels for i in inferred if isinstance(i, Inferred)),
         }
     )
     record.write(plan.output)
-    first = [f for f in settings.formats if f != REPORT]
-    # The overlay and the report show the same slide thumbnail: read it once, not per export.
-    needs_thumbnail = {"png", REPORT} & set(settings.formats)
-    export = _Exporter(plan, settings, read_slide_thumbnail(store) if needs_thumbnail else None)
-    early = [f for f in first if f == "geojson" and geojson_level(store) == 0]
-    # Two exports at a time: GEOS, rasterio and the TIFF codecs release the GIL.
-    with ThreadPoolExecutor(max_workers=EXPORT_THREADS, thread_name_prefix="export") as pool:
-        t_exports = time.perf_counter()
-        pending = {fmt: pool.submit(export, fmt) for fmt in early}
-        with dask.config.set(scheduler="threads"):
-            t0 = time.perf_counter()
-            store.build_pyramid(written)
-            timings["pyramid_s"] = time.perf_counter() - t0
-        pending.update({fmt: pool.submit(export, fmt) for fmt in first if fmt not in pending})
-        exports = {fmt: pending[fmt].result() for fmt in first}
-    exports_wall = time.perf_counter() - t_exports
-    store.set_status("complete")
-    record = record.with_fields(warnings=list(warnings), status="complete")
-    timings = {
-        **record.fields["timings"],
-        "pyramid_s": timings["pyramid_s"],
-        "exports_s": exports,
-        "exports_wall_s": exports_wall,
-        "finalise_wall_s": time.perf_counter() - started,
-    }
-    record = record.with_fields(timings=timings)
-    record.write(plan.output)
-    if REPORT in settings.formats:  # last: it shows run.json as it now stands
-        exports[REPORT] = export(REPORT)
-        timings = {
-            **timings,
-            "exports_s": exports,
-            "exports_wall_s": exports_wall + exports[REPORT],
-            "finalise_wall_s": time.perf_counter() - started,
-        }
-        record.with_fields(timings=timings).write(plan.output)
-    return Done(plan.job, area, processed, warnings)
+    return Stage("statistics", started, time.time(), area, warnings)
 
 
-def _write_statistics(
-    plan: SlidePlan, settings: OutputSettings, store: SlideStore, written: set[tuple[int, int]]
-) -> dict[str, Any]:
-    """Compute the slide's statistics from level 0 and write stats.json/.csv (and ROI, QC tables)."""
-    with dask.config.set(scheduler="threads"):
-        options = StatisticsOptions(plan.roi, settings.low_confidence)
-        stats = compute_statistics(store, plan.tissue, plan.mpp / plan.slide_mpp, written, options=options)
-    write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
-    if "roi" in stats:
-        write_roi_csv(stats["roi"], plan.output.roi_csv)
-    write_artifacts_csv(stats, plan.output.artifacts_csv)
-    return stats
-
-
-class _Exporter:
-    """One export of the slide, timed: what finalise runs per format (two at a time)."""
-
-    def __init__(self, plan: SlidePlan, settings: OutputSettings, thumbnail: np.ndarray | None) -> None:
-        self.plan, self.settings, self.thumbnail = plan, settings, thumbnail
-
-    def __call__(self, fmt: str) -> float:
-        t0 = time.perf_counter()
-        export_all(self.plan.output.root, (fmt,), self.settings, self.thumbnail)
-        return time.perf_counter() - t0
-
-
-def run_finalise(plan: SlidePlan, settings: OutputSettings, *inferred: Inferred | Failed) -> Done | Failed:
-    """Dask entry point: ``inferred`` are the infer tasks' results, so this runs after all of them."""
-    failures = [i for i in inferred if isinstance(i, Failed)]
-    if failures:
-        return failures[0]
+def run_pyramid(plan: SlidePlan, *inferred: Inferred | Failed) -> Stage | Failed:
+    """Levels 1..n of every layer, from the written chunks up (the local threaded scheduler: a
+    task must not block on the cluster it runs on)."""
+    if (failed := _first_failure(inferred)) is not None:
+        return failed
+    started = time.time()
     try:
-        return finalise_slide(plan, settings, list(inferred))  # type: ignore[arg-type]
+        store = SlideStore.open(plan.output.store)
+        with dask.config.set(scheduler="threads"):
+            store.build_pyramid(ProgressLog(plan.output.progress_dir).done())
     except WsiEspnetError as exc:
         return Failed(plan.job, str(exc))
+    return Stage("pyramid", started, time.time())
+
+
+def run_export(plan: SlidePlan, settings: OutputSettings, fmt: str, *after: Stage | Failed) -> Stage | Failed:
+    """One export, after the stages it reads (``after``: statistics, and the pyramid unless a
+    level-0 GeoJSON)."""
+    if (failed := _first_failure(after)) is not None:
+        return failed
+    started = time.time()
+    try:
+        export_all(plan.output.root, (fmt,), settings)
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
+    return Stage(fmt, started, time.time())
+
+
+def run_complete(
+    plan: SlidePlan, settings: OutputSettings, stages: list[Stage | Failed], *inferred: Inferred | Failed
+) -> Done | Failed:
+    """The ``complete`` status and run.json's finalise timings, then (last) the HTML report."""
+    if (failed := _first_failure(inferred) or _first_failure(stages)) is not None:
+        return failed
+    statistics, pyramid, *exports = cast(list[Stage], stages)
+    try:
+        SlideStore.open(plan.output.store).set_status("complete")
+        record = RunRecord.read(plan.output).with_fields(
+            warnings=list(statistics.warnings), status="complete"
+        )
+        started = min(statistics.started, pyramid.started)
+        timings = {
+            **record.fields["timings"],
+            "pyramid_s": pyramid.seconds,
+            "exports_s": {stage.name: stage.seconds for stage in exports},
+            "exports_wall_s": _span(exports),
+            "finalise_wall_s": time.time() - started,
+        }
+        record = record.with_fields(timings=timings)
+        record.write(plan.output)
+        if REPORT in settings.formats:  # last: it shows run.json as it now stands
+            report = run_export(plan, settings, REPORT)
+            if isinstance(report, Failed):
+                return report
+            timings["exports_s"][REPORT] = report.seconds
+            timings["exports_wall_s"] = _span([*exports, report])
+            timings["finalise_wall_s"] = time.time() - started
+            record.with_fields(timings=timings).write(plan.output)
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
+    processed = int(record.fields["tiles"]["processed"])
+    return Done(plan.job, float(statistics.tissue_area_mm2 or 0.0), processed, statistics.warnings)
+
+
+def _span(stages: list[Stage]) -> float:
+    """Wall seconds from the first stage's start to the last one's end (0 without stages)."""
+    return max(s.ended for s in stages) - min(s.started for s in stages) if stages else 0.0
+
+
+def _stage_seconds(inferred: tuple[Inferred | Failed, ...]) -> dict[str, float]:
+    """Seconds per inference stage summed over the slide's infer tasks (run.json ``timings``)."""
+    done = [i for i in inferred if isinstance(i, Inferred)]
+    return {
+        "read_s": sum(i.read_s for i in done),
+        "inference_s": sum(i.inference_s for i in done),
+        "tissue_refine_s": sum(i.tissue_s for i in done),
+        "write_s": sum(i.write_s for i in done),
+        "qc_s": sum(i.qc_s for i in done),
+    }

@@ -1,9 +1,10 @@
-"""The Dask graph for a cohort of slides: prepare → chunk batches → finalise, per slide.
+"""The Dask graph for a cohort of slides: prepare → chunk batches → finalise stages, per slide.
 
 Slide-level and chunk-level parallelism together: every slide's ``prepare`` task is submitted
 at once; as each plan arrives its blocks are grouped into tasks of about ``chunks_per_task`` chunks
-(so one large slide keeps many workers busy) and a ``finalise`` task that depends on all of
-them. Plans travel worker-to-worker as Dask futures; the client never touches pixels.
+(so one large slide keeps many workers busy) and the finalise tasks (statistics, pyramid,
+exports, ``complete``: :mod:`wsi_espnet.finalise`) that depend on all of them. Plans travel
+worker-to-worker as Dask futures; the client never touches pixels.
 
 Slides, the model and the output folder are checked in the client first (``preflight.py``):
 a slide that fails there, or whose task fails, is recorded ``failed`` with its one-line error
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from wsi_espnet.blocks import Block
 from wsi_espnet.cluster import dashboard_link, open_client
 from wsi_espnet.config import SegmentSettings
-from wsi_espnet.finalise import run_finalise
+from wsi_espnet.finalise import submit_finalise
 from wsi_espnet.infer import Inferred, infer_task
 from wsi_espnet.outputs import SlideOutput, write_summary
 from wsi_espnet.preflight import check_output_dir, check_run
@@ -142,7 +143,13 @@ class _CohortRun:
             )
             for group in task_groups(list(plan.blocks), self.settings.chunks_per_task)
         ]
-        self.submit(plan.job, run_finalise, plan_future, self.settings.outputs, *infer_futures)
+        complete = submit_finalise(self.submit_stage, plan, plan_future, self.settings.outputs, infer_futures)
+        self.owner[complete] = plan.job
+        self.futures.add(complete)
+
+    def submit_stage(self, func: Any, *args: Any) -> Future:
+        """A finalise stage: an input of the slide's ``complete`` task, not awaited by the client."""
+        return self.client.submit(func, *args, pure=False, retries=self.settings.retries)
 
 
 def task_groups(blocks: list[Block], chunks_per_task: int) -> list[list[Block]]:
