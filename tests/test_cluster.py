@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import os
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,10 @@ def test_local_cluster_from_local_yaml_runs_tasks() -> None:
         assert len(info["workers"]) == 1
         assert next(iter(info["workers"].values()))["nthreads"] == 2
         assert client.submit(operator.mul, 6, 7).result() == 42
+        # Workers keep glibc's allocator defaults (Dask's MALLOC_TRIM_THRESHOLD_ made numpy
+        # 2x slower there) and Dask's thread caps.
+        environ = client.submit(lambda: dict(os.environ), pure=False).result()
+        assert "MALLOC_TRIM_THRESHOLD_" not in environ and environ.get("OMP_NUM_THREADS") == "1"
         assert isinstance(dashboard_link(client), str)
         # A second client attaches to the running scheduler by address (--scheduler-address).
         with connect_scheduler(client.scheduler.address) as attached:
