@@ -350,12 +350,21 @@ def export(
     geojson_uncertain: bool,
 ) -> None:
     """Write exports again from an existing result folder OUTDIR/<name>."""
+    from wsi_espnet.confidence import DEFAULT_LOW_CONFIDENCE
     from wsi_espnet.config import OutputSettings
     from wsi_espnet.export import export_all
+    from wsi_espnet.export.uncertain import uncertain_threshold
+    from wsi_espnet.store import open_store
 
     names = tuple(f.strip() for f in formats.split(",") if f.strip())
     settings = OutputSettings(
-        names, geojson_per_region, min_area_um2, include_scores, geojson_uncertain=geojson_uncertain
+        names,
+        geojson_per_region,
+        min_area_um2,
+        include_scores,
+        geojson_uncertain=geojson_uncertain,
+        # the run's threshold, which its statistics recorded, so GeoJSON and statistics agree
+        low_confidence=uncertain_threshold(open_store(output), DEFAULT_LOW_CONFIDENCE),
     )
     written = export_all(output, settings=settings)
     for paths in written.values():

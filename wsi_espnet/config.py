@@ -39,7 +39,7 @@ class OutputSettings:
     geojson_per_region: bool = False
     geojson_min_area_um2: float | None = None  # None: the exporter's default (100 µm²)
     include_scores: bool = False
-    low_confidence: float = DEFAULT_LOW_CONFIDENCE  # statistics; GeoJSON takes the statistics' value
+    low_confidence: float = DEFAULT_LOW_CONFIDENCE  # statistics and the GeoJSON Uncertain class
     geojson_uncertain: bool = True  # an "Uncertain" GeoJSON class of low-confidence tissue
 
 

@@ -4,10 +4,12 @@ These are separate Dask tasks, so they spread over the workers instead of sharin
 threads and its GIL (measured on the 40x benchmark slide with one finalise task: 56 s, against
 about 25 s of the same work in separate processes)::
 
-    infer tasks ─┬─ statistics ── GeoJSON (level 0) ──────────┐
-                 └─ pyramid ───── OME-TIFF, PNG (read levels) ─┴─ complete (status, report)
+    infer tasks ─┬─ GeoJSON (level 0) ─────────────────────────┐
+                 ├─ statistics ─┬─ OME-TIFF, PNG (read levels) ─┴─ complete (status, report)
+                 └─ pyramid ────┘
 
-The statistics and a level-0 GeoJSON read only level 0, so they do not wait for the pyramid.
+The statistics and a level-0 GeoJSON read only level 0, so they do not wait for the pyramid,
+and the GeoJSON counts its tissue area itself rather than wait for the statistics.
 Pyramid and statistics visit only the chunks that were written (and, for the pyramid, their
 parents): on a biopsy slide that is mostly glass they cost what its tissue costs, not what its
 area costs. Every stage returns a :class:`Failed` value for a user problem (it is passed on to
@@ -65,24 +67,20 @@ def submit_finalise(
 ) -> Any:
     """Submit the slide's finalise graph after its ``inferred`` futures; return ``complete``'s future.
 
-    ``submit(func, *args)`` submits one task (``Client.submit`` with the run's options).
+    ``submit(func, *args, priority=...)`` submits one task (``Client.submit`` with the run's
+    options). The level-0 GeoJSON, the longest stage, needs neither statistics nor pyramid
+    and goes first; the other exports wait for both (the overlay's legend shows the statistics).
     """
-    statistics = submit(run_statistics, plan_future, settings, *inferred)
-    pyramid = submit(run_pyramid, plan_future, *inferred)
+    statistics = submit(run_statistics, plan_future, settings, *inferred, priority=0)
+    pyramid = submit(run_pyramid, plan_future, *inferred, priority=0)
     level0 = max(plan.grid.shape) <= MAX_VECTOR_SIDE  # the GeoJSON's default level is then 0
-    exports = [
-        submit(
-            run_export,
-            plan_future,
-            settings,
-            fmt,
-            statistics,
-            *(() if fmt == GEOJSON and level0 else (pyramid,)),
-        )
-        for fmt in settings.formats
-        if fmt != REPORT
-    ]
-    return submit(run_complete, plan_future, settings, [statistics, pyramid, *exports], *inferred)
+    exports = []
+    for fmt in (f for f in settings.formats if f != REPORT):
+        if fmt == GEOJSON and level0:
+            exports.append(submit(run_export, plan_future, settings, fmt, *inferred, priority=1))
+        else:
+            exports.append(submit(run_export, plan_future, settings, fmt, statistics, pyramid, priority=0))
+    return submit(run_complete, plan_future, settings, [statistics, pyramid, *exports], *inferred, priority=0)
 
 
 def _first_failure(values: tuple[Any, ...] | list[Any]) -> Failed | None:
@@ -139,9 +137,11 @@ def run_pyramid(plan: SlidePlan, *inferred: Inferred | Failed) -> Stage | Failed
     return Stage("pyramid", started, time.time())
 
 
-def run_export(plan: SlidePlan, settings: OutputSettings, fmt: str, *after: Stage | Failed) -> Stage | Failed:
-    """One export, after the stages it reads (``after``: statistics, and the pyramid unless a
-    level-0 GeoJSON)."""
+def run_export(
+    plan: SlidePlan, settings: OutputSettings, fmt: str, *after: Stage | Inferred | Failed
+) -> Stage | Failed:
+    """One export, after what it reads (``after``: the statistics and the pyramid, or for a
+    level-0 GeoJSON the infer tasks)."""
     if (failed := _first_failure(after)) is not None:
         return failed
     started = time.time()

@@ -147,9 +147,9 @@ class _CohortRun:
         self.owner[complete] = plan.job
         self.futures.add(complete)
 
-    def submit_stage(self, func: Any, *args: Any) -> Future:
+    def submit_stage(self, func: Any, *args: Any, priority: int = 0) -> Future:
         """A finalise stage: an input of the slide's ``complete`` task, not awaited by the client."""
-        return self.client.submit(func, *args, pure=False, retries=self.settings.retries)
+        return self.client.submit(func, *args, pure=False, retries=self.settings.retries, priority=priority)
 
 
 def task_groups(blocks: list[Block], chunks_per_task: int) -> list[list[Block]]:

@@ -21,7 +21,6 @@ from wsi_espnet.export.geojson import Frame, write_geojson
 from wsi_espnet.export.ometiff import write_ome_tiff
 from wsi_espnet.export.overlay import write_overlay
 from wsi_espnet.export.report import write_report
-from wsi_espnet.export.uncertain import uncertain_threshold
 from wsi_espnet.outputs import FORMATS
 from wsi_espnet.store import SlideStore, open_store
 
@@ -84,7 +83,7 @@ def export_all(
         if settings.geojson_min_area_um2 is not None:
             options["min_area_um2"] = settings.geojson_min_area_um2
         if settings.geojson_uncertain and store.confidence(0) is not None:
-            options["frame"] = Frame(uncertain_below=uncertain_threshold(store, settings.low_confidence))
+            options["frame"] = Frame(uncertain_below=settings.low_confidence)
         written["geojson"] = [
             write_geojson(store, f"{base}.geojson", per_region=settings.geojson_per_region, **options)
         ]

@@ -31,7 +31,6 @@ pyramid level that fits: below the simplification tolerance the extra detail is 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -119,7 +118,7 @@ def write_geojson(
     )
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
-            tissue_um2 = _tissue_um2(outputs, level)
+            tissue_um2 = _tissue_um2(outputs)
             writer = CollectionWriter(
                 Path(scratch), outputs.slide_mpp**2, tissue_um2, per_region, min_area_um2
             )
@@ -182,16 +181,12 @@ def read_summary(path: str | Path) -> dict[str, Any] | None:
     return summary if isinstance(summary, dict) else None
 
 
-def _tissue_um2(outputs: SlideStore, level: int) -> float:
-    """Tissue area for ``Fraction of tissue``: the statistics' figure, else counted chunk by chunk."""
-    stats = outputs.read_stats() or {}
-    tissue_um2 = float(stats.get("tissue_area_mm2") or 0.0) * 1e6
-    if math.isfinite(tissue_um2) and tissue_um2 > 0:
-        return tissue_um2
-    pixels = sum(
-        int(np.count_nonzero(block != BACKGROUND)) for _, _, block in outputs.iter_label_chunks(level)
-    )
-    return pixels * outputs.level_mpp(level) ** 2
+def _tissue_um2(outputs: SlideStore) -> float:
+    """Tissue area for ``Fraction of tissue``: non-background pixels of level 0, counted chunk by
+    chunk (under a second on the 40x benchmark slide). It is the statistics' count, taken here
+    rather than from stats.json so that the GeoJSON need not wait for the statistics."""
+    pixels = sum(int(np.count_nonzero(block != BACKGROUND)) for _, _, block in outputs.iter_label_chunks(0))
+    return pixels * outputs.level_mpp(0) ** 2
 
 
 def level0_polygons(geometry: shapely.Geometry, transform: list[float]) -> MultiPolygon:
