@@ -347,3 +347,21 @@ def test_specks_are_counted_whole_across_seams(tmp_path: Path) -> None:
     assert rows[3]["specks_dropped"] == 0 and rows[3]["regions"] == 2
     (feature,) = collection["features"]
     assert feature["properties"]["measurements"]["Area µm^2"] == pytest.approx((32 + 20) * 4)
+
+
+def test_export_in_its_own_process_matches_and_reports_user_errors(tmp_path: Path) -> None:
+    """finalise runs the GeoJSON in a child process (a worker's GIL is shared): same file, and a
+    user problem comes back as one OutputError line."""
+    from wsi_espnet.config import OutputSettings
+    from wsi_espnet.export import export_all
+    from wsi_espnet.export.isolated import export_in_process
+
+    store = write_store(tmp_path, blob_labels((300, 300), seed=21), tile=64, n_levels=2)
+    settings = OutputSettings(formats=("geojson",), geojson_min_area_um2=50.0)
+    (path,) = export_all(store, settings=settings)["geojson"]
+    in_process = path.read_bytes()
+    path.unlink()
+    export_in_process(Path(store), "geojson", settings)
+    assert path.read_bytes() == in_process
+    with pytest.raises(OutputError, match=r"nowhere: no \.ome\.zarr store found"):
+        export_in_process(tmp_path / "nowhere", "geojson", settings)

@@ -30,6 +30,7 @@ from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all
 from wsi_espnet.export.geojson import MAX_VECTOR_SIDE
+from wsi_espnet.export.isolated import export_in_process
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
@@ -40,6 +41,9 @@ from wsi_espnet.store import SlideStore
 
 REPORT = "html"
 GEOJSON = "geojson"
+# Exports that run in a child process (``export.isolated``): seconds of GIL-bound work each,
+# against the child's start-up of about a second. The PNG and the report take about a second.
+ISOLATED = frozenset({GEOJSON, "ometiff"})
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,10 @@ def run_export(
         return failed
     started = time.time()
     try:
-        export_all(plan.output.root, (fmt,), settings)
+        if fmt in ISOLATED:
+            export_in_process(plan.output.root, fmt, settings)
+        else:
+            export_all(plan.output.root, (fmt,), settings)
     except WsiEspnetError as exc:
         return Failed(plan.job, str(exc))
     return Stage(fmt, started, time.time())
