@@ -365,3 +365,19 @@ def test_export_in_its_own_process_matches_and_reports_user_errors(tmp_path: Pat
     assert path.read_bytes() == in_process
     with pytest.raises(OutputError, match=r"nowhere: no \.ome\.zarr store found"):
         export_in_process(tmp_path / "nowhere", "geojson", settings)
+
+
+def test_vectoriser_processes_and_threads_agree(tmp_path: Path) -> None:
+    """Large maps vectorise in spawned processes (export.isolated allows it): same regions."""
+    from wsi_espnet.export.bands import BandVectoriser
+
+    store = write_store(tmp_path, blob_labels((300, 300), seed=22), tile=64, n_levels=1)
+    labels = zarr.open_array(f"{store}/labels/tissue/0", mode="r")
+
+    def regions(processes: bool) -> tuple[list[tuple[int, int, float, bytes]], dict]:
+        vectoriser = BandVectoriser([labels, labels], 1.0, 30.0, processes=processes)
+        found = [(i, r.value, r.pixels, shapely.to_wkb(r.geometry())) for i, r in vectoriser]
+        return found, vectoriser.specks
+
+    threaded, processed = regions(False), regions(True)
+    assert threaded[0] and threaded == processed

@@ -8,10 +8,10 @@ edge are linked to them (as pieces are to their left neighbours within a band) w
 class lies on both sides of the seam over a pixel or more. A region whose
 pieces no longer reach the band's lower edge is *closed*: its pieces are dissolved into one
 polygon (a union of a handful of pieces that share only straight seam edges) and it is
-yielded straight away. Memory is therefore one band plus the regions that cross it; time is
-linear in the map's area (no global union of a class). The chunks of a band are vectorised
-two at a time in threads (GDAL's polygoniser and GEOS release the GIL); their pieces keep the
-chunks' order, so the output is the same as one thread's.
+yielded straight away. Memory is therefore a few bands plus the regions that cross them; time
+is linear in the map's area (no global union of a class). Bands are vectorised a few ahead of
+the linking, in worker processes for large maps (see :class:`BandVectoriser`); their pieces
+are linked in band and chunk order, so the output is the same as one process's.
 
 Several layers of the same grid (the class map, the Uncertain mask, the artifact map) are
 vectorised in the same pass: one band loop, one thread pool over every (layer, chunk) of a band.
@@ -37,8 +37,10 @@ the seam, which is a pixel corner of the true boundary: harmless, and one vertex
 from __future__ import annotations
 
 import bisect
+import multiprocessing
+from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,7 +52,12 @@ from affine import Affine
 from shapely.geometry import Polygon
 
 BACKGROUND = 0
-THREADS = 2  # chunks of a band vectorised at once: GDAL's polygoniser and GEOS release the GIL
+WORKERS = 2  # band jobs at once
+LOOKAHEAD = 4  # bands read and vectorised ahead of the linking (bounds the pieces held)
+# Maps of at least this many pixels (about 64 chunks of 512²) vectorise in processes: the
+# workers' start-up (about a second: they import rasterio, shapely, skimage and zarr) pays off.
+PROCESS_MIN_PX = 16 * 1024 * 1024
+_PROCESSES_ALLOWED = False  # see allow_processes()
 
 LabelLayer = Any  # a zarr.Array or anything with ``shape``, ``chunks``, ``shards`` and 2-D slicing
 _Piece = tuple[int, Polygon, Polygon, list[float]]  # value, exact, simplified, exact bounds
@@ -93,54 +100,100 @@ class BandVectoriser:
     vectorised and simplified on its own (GEOS coverage simplification is super-linear in the
     size of one coverage), so a band's cost is linear in its width; its pieces are linked
     across the chunk seams like the band seams.
+
+    One job reads, prunes and vectorises one band of one layer; jobs run ``LOOKAHEAD`` bands
+    ahead of the linking, which stays in band order in this process. With ``processes`` the
+    jobs run in ``WORKERS`` spawned processes (the polygoniser's Python side and the building of
+    polygons hold the GIL, so threads overlap only the GEOS parts), else in as many threads.
     """
 
-    def __init__(self, layers: Sequence[LabelLayer], tolerance: float, min_pixels: float = 0.0) -> None:
+    def __init__(
+        self, layers: Sequence[LabelLayer], tolerance: float, min_pixels: float = 0.0, processes: bool = False
+    ) -> None:
         self.layers, self.tolerance, self.min_pixels = list(layers), tolerance, min_pixels
+        self.processes = processes
         #: ``(layer index, value) -> [count, pixels]`` of the specks removed inside chunks
         self.specks: dict[tuple[int, int], list[int]] = {}
 
     def __iter__(self) -> Iterator[tuple[int, Region]]:
         if not self.layers:
             return
-        height, width = self.layers[0].shape
+        height = self.layers[0].shape[0]
         chunk_h, chunk_w = self.layers[0].shards or self.layers[0].chunks
+        bands = [(y0, min(y0 + chunk_h, height)) for y0 in range(0, height, chunk_h)]
         open_regions: list[list[Region]] = [[] for _ in self.layers]
-        with ThreadPoolExecutor(THREADS, thread_name_prefix="vectorise") as pool:
-            for y0 in range(0, height, chunk_h):
-                y1 = min(y0 + chunk_h, height)
+        with _executor(self.processes) as pool:
+            pending: deque[list[Future]] = deque()
+            for y0, y1 in bands[:LOOKAHEAD]:
+                pending.append(self._submit(pool, y0, y1, chunk_w))
+            for number, (y0, y1) in enumerate(bands):
+                futures = pending.popleft()
+                if number + LOOKAHEAD < len(bands):
+                    pending.append(self._submit(pool, *bands[number + LOOKAHEAD], chunk_w))
                 rows = (y0, y1 if y1 < height else None)
-                jobs = [
-                    (index, band[:, x0 : x0 + chunk_w], (x0, y0))
-                    for index, band in enumerate(np.asarray(layer[y0:y1, :]) for layer in self.layers)
-                    for x0 in range(0, width, chunk_w)
-                    if (band[:, x0 : x0 + chunk_w] != BACKGROUND).any()
-                ]
-                results = list(pool.map(self._chunk, jobs))
-                for (index, _, _), (_, specks) in zip(jobs, results, strict=True):
+                for index, future in enumerate(futures):
+                    pieces, specks = future.result()
                     for value, (count, pixels) in specks.items():
                         tally = self.specks.setdefault((index, value), [0, 0])
                         tally[0] += count
                         tally[1] += pixels
-                for index in range(len(self.layers)):
-                    pieces = [
-                        piece
-                        for (layer, _, _), (result, _) in zip(jobs, results, strict=True)
-                        if layer == index
-                        for piece in result
-                    ]
                     closed, open_regions[index] = _link(open_regions[index], pieces, rows, chunk_w)
                     yield from ((index, region) for region in closed)
             for index, regions in enumerate(open_regions):
                 yield from ((index, region) for region in regions)
 
-    def _chunk(
-        self, job: tuple[int, np.ndarray, tuple[int, int]]
-    ) -> tuple[list[_Piece], dict[int, tuple[int, int]]]:
-        """One chunk's pieces (run in a pool thread) and its in-chunk specks, tallied by the caller."""
-        _, block, origin = job
-        block, specks = _prune_specks(block, self.min_pixels)
-        return _block_pieces(block, origin, self.tolerance), specks
+    def _submit(self, pool: Executor, y0: int, y1: int, chunk_w: int) -> list[Future]:
+        """One job per layer for the band of rows ``y0:y1``."""
+        job = _BandJob(y0, y1, chunk_w, self.tolerance, self.min_pixels)
+        return [pool.submit(job.run, layer) for layer in self.layers]
+
+
+@dataclass(frozen=True)
+class _BandJob:
+    """Read one band of a layer, prune its in-chunk specks and vectorise its non-empty chunks
+    (picklable: it runs in a worker process for large maps)."""
+
+    y0: int
+    y1: int
+    chunk_w: int
+    tolerance: float
+    min_pixels: float
+
+    def run(self, layer: LabelLayer) -> tuple[list[_Piece], dict[int, tuple[int, int]]]:
+        band = np.asarray(layer[self.y0 : self.y1, :])
+        pieces: list[_Piece] = []
+        specks: dict[int, tuple[int, int]] = {}
+        for x0 in range(0, band.shape[1], self.chunk_w):
+            block = band[:, x0 : x0 + self.chunk_w]
+            if not (block != BACKGROUND).any():
+                continue
+            block, found = _prune_specks(block, self.min_pixels)
+            for value, (count, pixels) in found.items():
+                before = specks.get(value, (0, 0))
+                specks[value] = (before[0] + count, before[1] + pixels)
+            pieces += _block_pieces(block, (x0, self.y0), self.tolerance)
+        return pieces, specks
+
+
+def _executor(processes: bool) -> Executor:
+    """``WORKERS`` spawned processes, or as many threads."""
+    if processes:
+        return ProcessPoolExecutor(WORKERS, mp_context=multiprocessing.get_context("spawn"))
+    return ThreadPoolExecutor(WORKERS, thread_name_prefix="vectorise")
+
+
+def use_processes(map_px: int) -> bool:
+    """Whether to vectorise a map of ``map_px`` pixels in worker processes: when it is large
+    (their start-up, about a second, pays off from ``PROCESS_MIN_PX``) and this process has
+    said it may start them (:func:`allow_processes`). Spawned workers re-import the
+    ``__main__`` module, which only a program written for it (``export.isolated``) can take."""
+    return _PROCESSES_ALLOWED and map_px >= PROCESS_MIN_PX and not multiprocessing.current_process().daemon
+
+
+def allow_processes() -> None:
+    """Let this process's GeoJSON exports vectorise large maps in worker processes."""
+    global _PROCESSES_ALLOWED
+    _PROCESSES_ALLOWED = True
 
 
 def _prune_specks(block: np.ndarray, min_pixels: float) -> tuple[np.ndarray, dict[int, tuple[int, int]]]:

@@ -44,7 +44,7 @@ from shapely.geometry import MultiPolygon, Polygon
 
 from wsi_espnet.classes import BACKGROUND, ClassInfo
 from wsi_espnet.errors import ConfigError, OutputError
-from wsi_espnet.export.bands import BandVectoriser, LabelLayer
+from wsi_espnet.export.bands import BandVectoriser, LabelLayer, use_processes
 from wsi_espnet.export.geojson_file import CollectionWriter
 from wsi_espnet.export.qc_layers import artifact_classes
 from wsi_espnet.export.uncertain import UNCERTAIN, uncertain_mask
@@ -113,8 +113,12 @@ def write_geojson(
         shapely.prepare(clip)
         settings["roi"] = outputs.output.roi_geojson.name
     layers = _layers(outputs, level, frame.uncertain_below)
+    labels = layers[0][0]
     vectoriser = BandVectoriser(
-        [array for array, _ in layers], simplify_px / 2**level, min_area_um2 / level_px_um2
+        [array for array, _ in layers],
+        simplify_px / 2**level,
+        min_area_um2 / level_px_um2,
+        processes=use_processes(labels.shape[0] * labels.shape[1]),
     )
     try:
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:

@@ -46,7 +46,9 @@ def export_in_process(root: Path, fmt: str, settings: OutputSettings) -> None:
 def main() -> int:
     """The child: read the request from stdin, write the export, report a user problem on stderr."""
     from wsi_espnet.export import export_all  # the child's only heavy import
+    from wsi_espnet.export.bands import allow_processes
 
+    allow_processes()  # this module is __main__ here, and safe for spawned workers to import
     request = json.loads(sys.stdin.read())
     options = request["settings"]
     settings = OutputSettings(**{**options, "formats": tuple(options["formats"])})
