@@ -29,7 +29,7 @@ import dask
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all
-from wsi_espnet.export.geojson import MAX_VECTOR_SIDE
+from wsi_espnet.export.geojson import needs_pyramid
 from wsi_espnet.export.isolated import export_in_process
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
@@ -71,20 +71,19 @@ def submit_finalise(
 ) -> Any:
     """Submit the slide's finalise graph after its ``inferred`` futures; return ``complete``'s future.
 
-    ``submit(func, *args, priority=...)`` submits one task (``Client.submit`` with the run's
+    ``submit(func, *args, priority=0)`` submits one task (``Client.submit`` with the run's
     options). The level-0 GeoJSON, the longest stage, needs neither statistics nor pyramid
     and goes first; the other exports wait for both (the overlay's legend shows the statistics).
     """
-    statistics = submit(run_statistics, plan_future, settings, *inferred, priority=0)
-    pyramid = submit(run_pyramid, plan_future, *inferred, priority=0)
-    level0 = max(plan.grid.shape) <= MAX_VECTOR_SIDE  # the GeoJSON's default level is then 0
+    statistics = submit(run_statistics, plan_future, settings, *inferred)
+    pyramid = submit(run_pyramid, plan_future, *inferred)
     exports = []
     for fmt in (f for f in settings.formats if f != REPORT):
-        if fmt == GEOJSON and level0:
+        if fmt == GEOJSON and not needs_pyramid(plan.grid.shape):
             exports.append(submit(run_export, plan_future, settings, fmt, *inferred, priority=1))
         else:
-            exports.append(submit(run_export, plan_future, settings, fmt, statistics, pyramid, priority=0))
-    return submit(run_complete, plan_future, settings, [statistics, pyramid, *exports], *inferred, priority=0)
+            exports.append(submit(run_export, plan_future, settings, fmt, statistics, pyramid))
+    return submit(run_complete, plan_future, settings, [statistics, pyramid, *exports], *inferred)
 
 
 def _first_failure(values: tuple[Any, ...] | list[Any]) -> Failed | None:

@@ -134,9 +134,7 @@ class BandVectoriser:
                 for index, future in enumerate(futures):
                     pieces, specks = future.result()
                     for value, (count, pixels) in specks.items():
-                        tally = self.specks.setdefault((index, value), [0, 0])
-                        tally[0] += count
-                        tally[1] += pixels
+                        _tally(self.specks, (index, value), count, pixels)
                     closed, open_regions[index] = _link(open_regions[index], pieces, rows, chunk_w)
                     yield from ((index, region) for region in closed)
             for index, regions in enumerate(open_regions):
@@ -159,20 +157,26 @@ class _BandJob:
     tolerance: float
     min_pixels: float
 
-    def run(self, layer: LabelLayer) -> tuple[list[_Piece], dict[int, tuple[int, int]]]:
+    def run(self, layer: LabelLayer) -> tuple[list[_Piece], dict[int, list[int]]]:
         band = np.asarray(layer[self.y0 : self.y1, :])
         pieces: list[_Piece] = []
-        specks: dict[int, tuple[int, int]] = {}
+        specks: dict[int, list[int]] = {}
         for x0 in range(0, band.shape[1], self.chunk_w):
             block = band[:, x0 : x0 + self.chunk_w]
             if not (block != BACKGROUND).any():
                 continue
             block, found = _prune_specks(block, self.min_pixels)
             for value, (count, pixels) in found.items():
-                before = specks.get(value, (0, 0))
-                specks[value] = (before[0] + count, before[1] + pixels)
+                _tally(specks, value, count, pixels)
             pieces += _block_pieces(block, (x0, self.y0), self.tolerance)
         return pieces, specks
+
+
+def _tally(specks: dict[Any, list[int]], key: Any, count: int, pixels: int) -> None:
+    """Add ``count`` specks of ``pixels`` in all to ``specks[key]`` (``[count, pixels]``)."""
+    entry = specks.setdefault(key, [0, 0])
+    entry[0] += count
+    entry[1] += pixels
 
 
 def _executor(processes: bool) -> Executor:

@@ -90,7 +90,7 @@ def write_geojson(
     outputs = open_store(output_dir_or_store)
     if min_area_um2 < 0 or simplify_px < 0:
         raise ConfigError(f"min_area_um2 and simplify_px must be >= 0 (got {min_area_um2}, {simplify_px})")
-    level = geojson_level(outputs) if frame.level is None else frame.level
+    level = outputs.finest_level_within(MAX_VECTOR_SIDE) if frame.level is None else frame.level
     if not 0 <= level < outputs.n_levels:
         raise OutputError(
             f"has no pyramid level {level} (levels 0..{outputs.n_levels - 1})", outputs.store_path
@@ -150,10 +150,11 @@ def write_geojson(
     return path
 
 
-def geojson_level(outputs: SlideStore) -> int:
-    """The pyramid level the GeoJSON is vectorised on by default: 0 unless larger than
-    ``MAX_VECTOR_SIDE`` (then only it needs the pyramid)."""
-    return outputs.finest_level_within(MAX_VECTOR_SIDE)
+def needs_pyramid(shape: tuple[int, int]) -> bool:
+    """Whether the default GeoJSON of a level-0 map of ``shape`` reads a coarser level (what
+    ``write_geojson`` picks with ``finest_level_within(MAX_VECTOR_SIDE)``): finalise then
+    runs it after the pyramid."""
+    return max(shape) > MAX_VECTOR_SIDE
 
 
 def _layers(
