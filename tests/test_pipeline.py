@@ -93,6 +93,29 @@ def test_statistics_agree_with_the_label_array(sample_run):
     assert stats["tissue_area_mm2"] == pytest.approx(tissue_pixels * mpp * mpp / 1e6)
 
 
+def test_pyramid_built_as_blocks_finish_equals_one_built_after(small_slide, tissue_card, tmp_path):
+    """One-chunk blocks in one-block tasks give parents of several writers; the
+    pyramid written task by task as they finish is the one built from level 0 afterwards."""
+    from wsi_espnet.outputs import ProgressLog, SlideOutput
+
+    settings = _settings(tissue_card, block=256, chunks_per_task=1, formats="")
+    results = run_segment([SlideJob(small_slide)], tmp_path, settings)
+    assert [r.status for r in results] == ["done"], results
+    output = SlideOutput.for_slide(tmp_path, small_slide)
+    store = SlideStore.open(output.store)
+    assert store.n_levels >= 2
+    layers = store.pyramid_layers()
+    progressive = [[np.asarray(level[...]) for level in layer.levels[1:]] for layer in layers]
+    written = ProgressLog(output.progress_dir).done()
+    assert len(written) > 4  # several writers
+    store.build_pyramid(written)
+    for layer, levels in zip(store.pyramid_layers(), progressive, strict=True):
+        for level, before in zip(layer.levels[1:], levels, strict=True):
+            assert np.array_equal(np.asarray(level[...]), before)
+    run = json.loads(output.run_json.read_text())
+    assert 0 < run["timings"]["finalise_wall_s"] < run["timings"]["pyramid_s"] + 60
+
+
 def test_completed_slide_is_skipped_on_rerun(sample_run, small_slide, tissue_card):
     outdir, _ = sample_run
     results = run_segment([SlideJob(small_slide)], outdir, _settings(tissue_card))
@@ -172,7 +195,7 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     value naming the file once, not as an exception that Dask would retry."""
     import shutil
 
-    from wsi_espnet.finalise import run_complete, run_pyramid, run_statistics
+    from wsi_espnet.finalise import run_complete, run_pyramid_done, run_pyramid_units, run_statistics
     from wsi_espnet.infer import infer_task
     from wsi_espnet.prepare import prepare_slide
     from wsi_espnet.runstate import Failed, SlidePlan
@@ -185,6 +208,7 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     failed = infer_task(plan, list(plan.blocks[:1]), settings.inference)
     assert isinstance(failed, Failed) and failed.error.count("moved.tif") == 1
     assert run_statistics(plan, settings.outputs, failed) == failed  # finalise does not run
-    assert run_pyramid(plan, failed) == failed
+    assert run_pyramid_units(plan, 1, [(0, 0)], failed) == failed
+    assert run_pyramid_done(plan, failed) == failed
     assert run_complete(plan, settings.outputs, [failed, failed], failed) == failed
     assert json.loads((tmp_path / "out" / "moved" / "run.json").read_text())["status"] == "running"

@@ -7,14 +7,17 @@ about 25 s of the same work in separate processes)::
     infer tasks ─┬─ GeoJSON (level 0) ─────────────────────────┐
                  ├─ statistics ─┬─ OME-TIFF, PNG (read levels) ─┴─ complete (status, report)
                  └─ pyramid ────┘
+                    (parent units, each as soon as its children are written)
 
 The statistics and a level-0 GeoJSON read only level 0, so they do not wait for the pyramid,
 and the GeoJSON counts its tissue area itself rather than wait for the statistics.
-Pyramid and statistics visit only the chunks that were written (and, for the pyramid, their
-parents): on a biopsy slide that is mostly glass they cost what its tissue costs, not what its
-area costs. Every stage returns a :class:`Failed` value for a user problem (it is passed on to
-``complete``, which reports the first); ``complete`` writes the status last, then the HTML
-report, so the report shows the status that run.json holds.
+The pyramid does not wait for the last block either: each task writes a group of parent units
+as soon as the tasks that write their children are done (:func:`submit_pyramid`), so most of it
+is built while the last blocks infer. Pyramid and statistics visit only the chunks that were
+written (and their parents): on a biopsy slide that is mostly glass they cost what its tissue
+costs, not what its area costs. Every stage returns a :class:`Failed` value for a user problem
+(it is passed on to ``complete``, which reports the first); ``complete`` writes the status
+last, then the HTML report, so the report shows the status that run.json holds.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any, cast
 
 import dask
 
+from wsi_espnet.blocks import Block
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all
@@ -33,6 +37,7 @@ from wsi_espnet.export.geojson import needs_pyramid
 from wsi_espnet.export.isolated import export_in_process
 from wsi_espnet.infer import Inferred
 from wsi_espnet.outputs import ProgressLog
+from wsi_espnet.pyramid import parents, write_units
 from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
 from wsi_espnet.roi_stats import write_roi_csv
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan
@@ -44,6 +49,7 @@ GEOJSON = "geojson"
 # Exports that run in a child process (``export.isolated``): seconds of GIL-bound work each,
 # against the child's start-up of about a second. The PNG and the report take about a second.
 ISOLATED = frozenset({GEOJSON, "ometiff"})
+ChunkIndex = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,12 @@ class Stage:
     ended: float
     tissue_area_mm2: float | None = None  # the statistics stage's
     warnings: tuple[str, ...] = field(default=())
+    busy_s: float | None = None  # a stage of several tasks: their seconds, summed
 
     @property
     def seconds(self) -> float:
-        return self.ended - self.started
+        """Seconds of work: the span of one task, the sum over a stage's tasks."""
+        return self.ended - self.started if self.busy_s is None else self.busy_s
 
 
 def submit_finalise(
@@ -67,16 +75,18 @@ def submit_finalise(
     plan: SlidePlan,
     plan_future: Any,
     settings: OutputSettings,
-    inferred: list[Any],
+    writes: dict[Any, list[Block]],
 ) -> Any:
-    """Submit the slide's finalise graph after its ``inferred`` futures; return ``complete``'s future.
+    """Submit the slide's finalise graph; return ``complete``'s future.
 
-    ``submit(func, *args, priority=0)`` submits one task (``Client.submit`` with the run's
-    options). The level-0 GeoJSON, the longest stage, needs neither statistics nor pyramid
-    and goes first; the other exports wait for both (the overlay's legend shows the statistics).
+    ``writes`` maps each infer future to the blocks it writes. ``submit(func, *args,
+    priority=0)`` submits one task (``Client.submit`` with the run's options). The level-0
+    GeoJSON, the longest stage, needs neither statistics nor pyramid and goes first; the other
+    exports wait for both (the overlay's legend shows the statistics).
     """
+    inferred = list(writes)
     statistics = submit(run_statistics, plan_future, settings, *inferred)
-    pyramid = submit(run_pyramid, plan_future, *inferred)
+    pyramid = submit_pyramid(submit, plan, plan_future, writes)
     exports = []
     for fmt in (f for f in settings.formats if f != REPORT):
         if fmt == GEOJSON and not needs_pyramid(plan.grid.shape):
@@ -125,19 +135,56 @@ def run_statistics(plan: SlidePlan, settings: OutputSettings, *inferred: Inferre
     return Stage("statistics", started, time.time(), area, warnings)
 
 
-def run_pyramid(plan: SlidePlan, *inferred: Inferred | Failed) -> Stage | Failed:
-    """Levels 1..n of every layer, from the written chunks up (the local threaded scheduler: a
-    task must not block on the cluster it runs on)."""
-    if (failed := _first_failure(inferred)) is not None:
+def submit_pyramid(
+    submit: Callable[..., Any], plan: SlidePlan, plan_future: Any, writes: dict[Any, list[Block]]
+) -> Any:
+    """Submit levels 1..n, each group of parent units after the tasks that write its children.
+
+    Parents whose children have the same writers share a task, so a level costs about as many
+    tasks as the level below has writers; the pyramid's tasks go before waiting blocks
+    (priority 1) and run while the last blocks infer. Chunks of an earlier run (``plan.written``)
+    need no writer. Return the future of the stage's summary (a :class:`Stage`).
+    """
+    writers: dict[ChunkIndex, tuple[Any, ...]] = {index: () for index in plan.written}
+    for future, blocks in writes.items():
+        writers.update({index: (future,) for block in blocks for index in block.owned})
+    parts = []
+    for level in range(1, plan.levels):
+        groups: dict[frozenset[Any], list[ChunkIndex]] = {}
+        for unit, children in sorted(parents(writers).items()):
+            groups.setdefault(frozenset(f for child in children for f in writers[child]), []).append(unit)
+        writers = {}
+        for after, units in groups.items():
+            part = submit(run_pyramid_units, plan_future, level, units, *after, priority=1)
+            parts.append(part)
+            writers.update({unit: (part,) for unit in units})
+    return submit(run_pyramid_done, plan_future, *parts)
+
+
+def run_pyramid_units(plan: SlidePlan, level: int, units: list[ChunkIndex], *after: Any) -> Stage | Failed:
+    """Write ``units`` of pyramid ``level`` in every layer, once the tasks ``after`` are done."""
+    if (failed := _first_failure(after)) is not None:
         return failed
     started = time.time()
     try:
-        store = SlideStore.open(plan.output.store)
-        with dask.config.set(scheduler="threads"):
-            store.build_pyramid(ProgressLog(plan.output.progress_dir).done())
+        write_units(SlideStore.open(plan.output.store).pyramid_layers(), level, units)
     except WsiEspnetError as exc:
         return Failed(plan.job, str(exc))
     return Stage("pyramid", started, time.time())
+
+
+def run_pyramid_done(plan: SlidePlan, *parts: Stage | Failed) -> Stage | Failed:
+    """The pyramid stage as one :class:`Stage`: from its first task's start to its last's end."""
+    if (failed := _first_failure(parts)) is not None:
+        return failed
+    stages = cast(tuple[Stage, ...], parts)
+    now = time.time()
+    return Stage(
+        "pyramid",
+        min((s.started for s in stages), default=now),
+        max((s.ended for s in stages), default=now),
+        busy_s=sum(s.seconds for s in stages),
+    )
 
 
 def run_export(
@@ -170,7 +217,7 @@ def run_complete(
         record = RunRecord.read(plan.output).with_fields(
             warnings=list(statistics.warnings), status="complete"
         )
-        started = min(statistics.started, pyramid.started)
+        started = _inference_end(inferred, statistics)
         timings = {
             **record.fields["timings"],
             "pyramid_s": pyramid.seconds,
@@ -192,6 +239,13 @@ def run_complete(
         return Failed(plan.job, str(exc))
     processed = int(record.fields["tiles"]["processed"])
     return Done(plan.job, float(statistics.tissue_area_mm2 or 0.0), processed, statistics.warnings)
+
+
+def _inference_end(inferred: tuple[Inferred | Failed, ...], statistics: Stage) -> float:
+    """When the slide's last infer task ended: where its post-inference wall time starts (the
+    statistics' start when every chunk came from an earlier run)."""
+    ends = [i.ended for i in inferred if isinstance(i, Inferred)]
+    return max(ends) if ends else statistics.started
 
 
 def _span(stages: list[Stage]) -> float:

@@ -13,7 +13,7 @@ User-facing problems (a tile the slide cannot deliver) come back as
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -38,7 +38,8 @@ from wsi_espnet.tiled import BlockOutput, RunOptions, StageTimes, infer_blocks, 
 
 @dataclass(frozen=True)
 class Inferred:
-    """What one infer task did: chunks written, and seconds per stage (summed over its blocks)."""
+    """What one infer task did: chunks written, seconds per stage (summed over its blocks), and
+    when it ended (``time.time``: where a slide's post-inference wall time starts)."""
 
     chunks: int
     input_pixels: int
@@ -47,6 +48,7 @@ class Inferred:
     tissue_s: float
     write_s: float
     qc_s: float = 0.0
+    ended: float = field(default_factory=time.time)
 
 
 @lru_cache(maxsize=8)

@@ -137,13 +137,13 @@ class _CohortRun:
         """After ``prepare``: submit the slide's chunk tasks and its finalise task."""
         self.bar.total += plan.n_todo
         self.bar.refresh()
-        infer_futures = [
+        writes = {
             self.submit(
                 plan.job, infer_task, plan_future, group, self.settings.inference, resources=self.resources
-            )
+            ): group
             for group in task_groups(list(plan.blocks), self.settings.chunks_per_task)
-        ]
-        complete = submit_finalise(self.submit_stage, plan, plan_future, self.settings.outputs, infer_futures)
+        }
+        complete = submit_finalise(self.submit_stage, plan, plan_future, self.settings.outputs, writes)
         self.owner[complete] = plan.job
         self.futures.add(complete)
 

@@ -119,6 +119,8 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
             mpp,
             slide_mpp,
             blocks,
+            frozenset(done),
+            SlideStore.open(output.store).n_levels,
             opened.tissue,
             settings.tissue_detection,
             regions,

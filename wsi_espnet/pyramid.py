@@ -1,9 +1,11 @@
 """Levels 1..n of a store from level 0: 2x2 mean of the scores, 2x2 mode of the labels.
 
-Each Dask task reads a 2x2 block of write units (chunks or shards) from the level above (at
-most ``4 * C * tile**2`` bytes) and writes one whole unit of the level below, so tasks never
-share a chunk or shard and memory is bounded whatever the slide size. Only units above written
-chunks are visited (see :func:`build_levels`).
+Each parent unit is made from a 2x2 block of write units (chunks or shards) of the level above
+(at most ``4 * C * tile**2`` bytes) and written whole, by one task, so tasks never share a chunk
+or shard and memory is bounded whatever the slide size. Only units above written chunks are
+visited. :func:`build_levels` builds a store's levels after the fact; ``segment`` instead submits
+:func:`write_units` tasks as their children are written (:mod:`wsi_espnet.finalise`), grouped by
+:func:`parents`.
 """
 
 from __future__ import annotations
@@ -49,11 +51,19 @@ def build_levels(
         return
     current = set(written) if written is not None else set(_all_units(layers[0].levels[0]))
     for level in range(1, len(layers[0].levels)):
-        parents = sorted({(iy // 2, ix // 2) for iy, ix in current})
-        pairs = [(layer.levels[level - 1], layer.levels[level], layer.reduce) for layer in layers]
-        tasks = [dask.delayed(_write_parents)(pairs, index) for index in parents]
+        units = sorted(parents(current))
+        tasks = [dask.delayed(write_units)(layers, level, [index]) for index in units]
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
-        current = set(parents)
+        current = set(units)
+
+
+def parents(children: Iterable[ChunkIndex]) -> dict[ChunkIndex, list[ChunkIndex]]:
+    """Each unit of the next level above ``children`` (unit indices of one level), with its
+    children among them."""
+    found: dict[ChunkIndex, list[ChunkIndex]] = {}
+    for iy, ix in children:
+        found.setdefault((iy // 2, ix // 2), []).append((iy, ix))
+    return found
 
 
 def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
@@ -62,14 +72,17 @@ def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
     return itertools.product(range(rows), range(cols))
 
 
-def _write_parents(pairs: list[tuple[zarr.Array, zarr.Array, Reduce]], index: ChunkIndex) -> None:
-    """Write each target's write unit ``index`` from the 2x2 units above it: one whole unit, once."""
-    for source, target, reduce in pairs:
-        unit_h, unit_w = write_unit(target)[-2:]
-        y0, x0 = index[0] * unit_h, index[1] * unit_w
-        block = np.asarray(source[..., 2 * y0 : 2 * (y0 + unit_h), 2 * x0 : 2 * (x0 + unit_w)])
-        out = reduce(block)
-        target[..., y0 : y0 + out.shape[-2], x0 : x0 + out.shape[-1]] = out
+def write_units(layers: list[Layer], level: int, units: Iterable[ChunkIndex]) -> None:
+    """Write ``units`` of ``level`` of every layer from the 2x2 units of the level above: each
+    unit whole, once (the layers share the chunk grid, so one task serves them all)."""
+    for index in units:
+        for layer in layers:
+            source, target = layer.levels[level - 1], layer.levels[level]
+            unit_h, unit_w = write_unit(target)[-2:]
+            y0, x0 = index[0] * unit_h, index[1] * unit_w
+            block = np.asarray(source[..., 2 * y0 : 2 * (y0 + unit_h), 2 * x0 : 2 * (x0 + unit_w)])
+            out = layer.reduce(block)
+            target[..., y0 : y0 + out.shape[-2], x0 : x0 + out.shape[-1]] = out
 
 
 def write_unit(array: zarr.Array) -> tuple[int, ...]:

@@ -168,6 +168,8 @@ class SlidePlan:
     mpp: float
     slide_mpp: float
     blocks: tuple[Block, ...]  # still to infer; each owns its chunks
+    written: frozenset[tuple[int, int]]  # level-0 chunks already written (by an earlier run)
+    levels: int  # the store's pyramid levels, level 0 included
     tissue: TissueMask
     mask_labels: bool
     roi: RoiRegions | None = None  # labels outside it are background (``--roi``)

@@ -337,7 +337,11 @@ class SlideStore:
         ``written`` lists the level-0 chunks that hold results (all when None): only they and
         their parents are visited.
         """
-        written = None if written is None else list(written)
+        build_levels(self.pyramid_layers(), None if written is None else list(written), client)
+
+    def pyramid_layers(self) -> list[Layer]:
+        """Every pyramid of the store with its 2x2 reduction: scores, labels, and the confidence
+        and QC artifacts where the store has them."""
         levels = range(self.n_levels)
         layers = [
             Layer([self.scores(n) for n in levels], mean_2x2),
@@ -347,7 +351,7 @@ class SlideStore:
             layers.append(Layer([self.confidence(n) for n in levels], mean_nonzero_2x2))
         if self.artifacts(0) is not None:
             layers.append(Layer([self.artifacts(n) for n in levels], mode_2x2))
-        build_levels(layers, written, client)
+        return layers
 
 
 def open_store(target: str | Path | SlideStore) -> SlideStore:

@@ -253,15 +253,14 @@ def _seam_intervals(polygon: Polygon, axis: int, at: float) -> list[tuple[float,
     x = ``at``, intervals in y.
     """
     along = 1 - axis
-    intervals = []
-    for ring in (polygon.exterior, *polygon.interiors):
-        points = shapely.get_coordinates(ring)
-        a, b = points[:-1], points[1:]
-        on_line = (a[:, axis] == at) & (b[:, axis] == at) & (a[:, along] != b[:, along])
-        lo = np.minimum(a[on_line, along], b[on_line, along])
-        hi = np.maximum(a[on_line, along], b[on_line, along])
-        intervals.extend(zip(lo.tolist(), hi.tolist(), strict=True))
-    return intervals
+    # Every ring's points in one call, with the ring each belongs to: a polygon of many holes
+    # costs one pass, not one call per ring (the loop over rings was a fifth of the export).
+    points, ring = shapely.get_coordinates(shapely.get_rings(polygon), return_index=True)
+    a, b = points[:-1], points[1:]
+    on_line = (ring[:-1] == ring[1:]) & (a[:, axis] == at) & (b[:, axis] == at) & (a[:, along] != b[:, along])
+    lo = np.minimum(a[on_line, along], b[on_line, along])
+    hi = np.maximum(a[on_line, along], b[on_line, along])
+    return list(zip(lo.tolist(), hi.tolist(), strict=True))
 
 
 class _Seams:
