@@ -95,6 +95,7 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
             "sliding_window_512_0.25_gaussian",
             "patch_inferer_1024_0.5_avg",
             "patch_inferer_512_0.25_avg",
+            "sliding_window_512_0.25_gaussian_hugetlb",
         ):
             run = peer[f"monai_{name}"]
             assert run["windows"] > 0 and 0.5 < run["agreement"] <= 1.0 and run["output_mpx_per_s"] > 0

@@ -52,6 +52,26 @@ def test_job_script_has_the_scheduler_directives(name: str, directives: list[str
     for line in directives:
         assert line in script.splitlines(), f"{line!r} missing from the {name} job script"
     assert "-m distributed.cli.dask_worker" in script
+    lines = script.splitlines()
+    tunables = next(i for i, line in enumerate(lines) if "glibc.malloc.hugetlb=1" in line)
+    assert tunables < next(i for i, line in enumerate(lines) if "dask_worker" in line)
+
+
+def test_job_script_tunable_line_keeps_a_users_setting() -> None:
+    """The job script's allocator line adds the tunable, or leaves a user's own value alone."""
+    import subprocess
+
+    line = next(ln for ln in job_script(load_profile("slurm")).splitlines() if "GLIBC_TUNABLES" in ln)
+    show = f'{line}\nprintf %s "$GLIBC_TUNABLES"'
+    for before, after in [
+        (None, "glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.arena_max=2", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+        ("glibc.malloc.hugetlb=0", "glibc.malloc.hugetlb=0"),
+    ]:
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        env |= {"GLIBC_TUNABLES": before} if before else {}
+        out = subprocess.run(["bash", "-c", show], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout == after
 
 
 def test_gpu_profile_workers_advertise_a_gpu_resource() -> None:
@@ -142,6 +162,27 @@ def test_options_that_do_not_fit_the_profile_kind() -> None:
         pass
 
 
+def _transparent_huge_pages() -> str:
+    """The kernel's THP mode (``always``, ``madvise``, ``never``; empty where unknown)."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.split("[")[1].split("]")[0] if "[" in text else ""
+
+
+def _huge_page_kib() -> int:
+    """KiB of huge pages behind this process's memory while it holds a 256 MB array: more than
+    0 only if glibc read the tunable when the process started."""
+    import numpy as np
+
+    array = np.ones(2**28, np.uint8)
+    rollup = Path("/proc/self/smaps_rollup").read_text().splitlines()
+    kib = sum(int(line.split()[1]) for line in rollup if line.startswith("AnonHugePages"))
+    del array
+    return kib
+
+
 def test_local_cluster_from_local_yaml_runs_tasks() -> None:
     with start_cluster(load_profile("local"), workers=1, threads=2) as client:
         info = client.scheduler_info()
@@ -152,6 +193,9 @@ def test_local_cluster_from_local_yaml_runs_tasks() -> None:
         # 2x slower there) and Dask's thread caps.
         environ = client.submit(lambda: dict(os.environ), pure=False).result()
         assert "MALLOC_TRIM_THRESHOLD_" not in environ and environ.get("OMP_NUM_THREADS") == "1"
+        assert "glibc.malloc.hugetlb=1" in environ["GLIBC_TUNABLES"]
+        if _transparent_huge_pages() == "madvise":  # only glibc's madvise can give huge pages
+            assert client.submit(_huge_page_kib, pure=False).result() > 0
         assert isinstance(dashboard_link(client), str)
         # A second client attaches to the running scheduler by address (--scheduler-address).
         with connect_scheduler(client.scheduler.address) as attached:

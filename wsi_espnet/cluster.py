@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import inspect
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +34,13 @@ from wsi_espnet.errors import ClusterError, ConfigError
 from wsi_espnet.resources import find_named, load_yaml, packaged
 
 NANNY_ENVIRON = "distributed.nanny.pre-spawn-environ"
+# Workers ask glibc (2.35 and later; older ones and other C libraries ignore it) to back its
+# large allocations with transparent huge pages. ESPNet's activations on a 3072² block are
+# arrays of 150 MB, each mapped afresh and faulted in 4-KiB pages by the kernel: on 2 cores the
+# forward pass spent more time in the kernel than in PyTorch (26 s of 62 s CPU for two
+# passes). With 2-MiB pages the network ran 1.4-1.55x faster in one run each, in the main
+# thread and in a worker thread, at the same peak memory (see benchmarks/README.md).
+WORKER_TUNABLES = "glibc.malloc.hugetlb=1"
 
 JOBQUEUE_CLASSES: dict[str, type[JobQueueCluster]] = {
     "slurm": SLURMCluster,
@@ -194,7 +202,7 @@ def job_script(profile: ClusterProfile) -> str:
             f"# profile {profile.name!r} (kind: local) runs a LocalCluster on this machine: "
             "there is no job script.\n"
         )
-    _, job_options = _split_jobqueue_options(profile.options)
+    _, job_options = _split_jobqueue_options(_jobqueue_options(profile.options))
     job_cls = JOBQUEUE_CLASSES[profile.kind].job_cls
     with _no_new_log_directory(job_options.get("log_directory")):
         try:
@@ -222,7 +230,8 @@ def _no_new_log_directory(log_directory: str | None) -> Iterator[None]:
 
 
 def worker_environ() -> dict[str, Any]:
-    """What Dask's nanny sets in a worker's environment, less ``MALLOC_TRIM_THRESHOLD_``.
+    """What Dask's nanny sets in a local worker's environment: less ``MALLOC_TRIM_THRESHOLD_``,
+    plus the allocator tunable of :func:`glibc_tunables`.
 
     Dask sets that variable (65,536) so that workers hand freed memory back to the OS. Setting
     it also switches off glibc's dynamic mmap threshold, so every array of more than 128 KiB is
@@ -234,7 +243,29 @@ def worker_environ() -> dict[str, Any]:
     """
     environ = dict(dask.config.get(NANNY_ENVIRON, default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    environ["GLIBC_TUNABLES"] = glibc_tunables(
+        environ.get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))
+    )
     return environ
+
+
+def glibc_tunables(current: str | None) -> str:
+    """``current`` (a ``GLIBC_TUNABLES`` value) with :data:`WORKER_TUNABLES` added, unless it
+    already sets that tunable (a user's own setting wins)."""
+    if not current:
+        return WORKER_TUNABLES
+    name = WORKER_TUNABLES.split("=")[0]
+    return current if name in current else f"{current}:{WORKER_TUNABLES}"
+
+
+def _jobqueue_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A job-queue profile's options with the workers' allocator tunable exported in the job
+    script (after the profile's own prologue, which may already set one)."""
+    line = (
+        f'case ":${{GLIBC_TUNABLES:-}}:" in *:{WORKER_TUNABLES.split("=")[0]}=*) ;; '
+        f'*) export GLIBC_TUNABLES="${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{WORKER_TUNABLES}" ;; esac'
+    )
+    return {**options, "job_script_prologue": [*options.get("job_script_prologue", []), line]}
 
 
 def _make_cluster(
@@ -263,7 +294,7 @@ def _make_cluster(
             profile.path,
         )
     try:
-        return cls(**profile.options)
+        return cls(**_jobqueue_options(profile.options))
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"invalid value for {cls.__name__}: {exc}", profile.path) from exc
 
