@@ -60,7 +60,27 @@ PROCESS_MIN_PX = 16 * 1024 * 1024
 _PROCESSES_ALLOWED = False  # see allow_processes()
 
 LabelLayer = Any  # a zarr.Array or anything with ``shape``, ``chunks``, ``shards`` and 2-D slicing
-_Piece = tuple[int, Polygon, Polygon, list[float]]  # value, exact, simplified, exact bounds
+Intervals = list[tuple[float, float]]
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One polygon of one chunk and what linking needs of it, found in the band job.
+
+    The seam intervals (where the exact polygon lies on its band's upper or lower edge, or on
+    its chunk's left or right edge) and the exact area travel instead of the exact polygon, so
+    the linking, which runs in one process in band order, only matches intervals.
+    """
+
+    value: int
+    shape: Polygon  # simplified (exact at tolerance 0)
+    pixels: float  # exact area
+    left: float  # exact bounds in x
+    right: float
+    top_seam: Intervals  # x intervals on the band's upper edge
+    bottom_seam: Intervals  # x intervals on the band's lower edge
+    left_seam: Intervals  # y intervals on a chunk seam at ``left`` (not the map's edge)
+    right_seam: Intervals  # y intervals on a chunk seam at ``right``
 
 
 @dataclass
@@ -126,16 +146,15 @@ class BandVectoriser:
             pending: deque[list[Future]] = deque()
             for y0, y1 in bands[:LOOKAHEAD]:
                 pending.append(self._submit(pool, y0, y1, chunk_w))
-            for number, (y0, y1) in enumerate(bands):
+            for number, (_, y1) in enumerate(bands):
                 futures = pending.popleft()
                 if number + LOOKAHEAD < len(bands):
                     pending.append(self._submit(pool, *bands[number + LOOKAHEAD], chunk_w))
-                rows = (y0, y1 if y1 < height else None)
                 for index, future in enumerate(futures):
                     pieces, specks = future.result()
                     for value, (count, pixels) in specks.items():
                         _tally(self.specks, (index, value), count, pixels)
-                    closed, open_regions[index] = _link(open_regions[index], pieces, rows, chunk_w)
+                    closed, open_regions[index] = _link(open_regions[index], pieces, y1 < height)
                     yield from ((index, region) for region in closed)
             for index, regions in enumerate(open_regions):
                 yield from ((index, region) for region in regions)
@@ -168,7 +187,7 @@ class _BandJob:
             block, found = _prune_specks(block, self.min_pixels)
             for value, (count, pixels) in found.items():
                 _tally(specks, value, count, pixels)
-            pieces += _block_pieces(block, (x0, self.y0), self.tolerance)
+            pieces += _block_pieces(block, (x0, self.y0), self)
         return pieces, specks
 
 
@@ -224,9 +243,10 @@ def _prune_specks(block: np.ndarray, min_pixels: float) -> tuple[np.ndarray, dic
     return pruned, {int(v): (int(counts[v]), int(pixels[v])) for v in np.flatnonzero(counts)}
 
 
-def _block_pieces(block: np.ndarray, origin: tuple[int, int], tolerance: float) -> list[_Piece]:
-    """``(value, exact piece, simplified piece, bounds)`` for each non-background polygon of one chunk."""
+def _block_pieces(block: np.ndarray, origin: tuple[int, int], band: _BandJob) -> list[_Piece]:
+    """Each non-background polygon of one chunk at ``origin`` of ``band``, as a :class:`_Piece`."""
     transform = Affine.translation(*origin)
+    tolerance = band.tolerance
     mask = None if tolerance > 0 else block != BACKGROUND  # background is only needed to simplify
     shapes = list(rasterio.features.shapes(block, mask=mask, transform=transform))
     values = np.array([int(value) for _, value in shapes])
@@ -236,8 +256,36 @@ def _block_pieces(block: np.ndarray, origin: tuple[int, int], tolerance: float) 
         coverage = shapely.segmentize(exact, 1.0)
         simplified = shapely.coverage_simplify(coverage, tolerance, simplify_boundary=False)
     keep = values != BACKGROUND
+    areas = shapely.area(exact[keep]).tolist()
     bounds = shapely.bounds(exact[keep]).tolist()
-    return list(zip(values[keep].tolist(), exact[keep], simplified[keep], bounds, strict=True))
+    return [
+        _piece(value, polygon, shape, area, (box, band))
+        for value, polygon, shape, area, box in zip(
+            values[keep].tolist(), exact[keep], simplified[keep], areas, bounds, strict=True
+        )
+    ]
+
+
+def _piece(
+    value: int, exact: Polygon, shape: Polygon, area: float, where: tuple[list[float], _BandJob]
+) -> _Piece:
+    """The piece of ``exact`` (bounds and band in ``where``) with its seam intervals."""
+    (left, top, right, bottom), band = where
+
+    def on(line: bool, axis: int, at: float) -> Intervals:
+        return _seam_intervals(exact, axis, at) if line else []
+
+    return _Piece(
+        value,
+        shape,
+        area,
+        left,
+        right,
+        on(top == band.y0, 1, band.y0),
+        on(bottom >= band.y1, 1, band.y1),
+        on(left % band.chunk_w == 0 and left > 0, 0, left),
+        on(right % band.chunk_w == 0, 0, right),
+    )
 
 
 def _polygon(rings: list) -> Polygon:
@@ -286,19 +334,15 @@ class _Seams:
 
 
 def _link(
-    open_regions: list[Region],
-    pieces: list[_Piece],
-    rows: tuple[int, int | None],
-    chunk_w: int,
+    open_regions: list[Region], pieces: list[_Piece], lower_seam: bool
 ) -> tuple[list[Region], list[Region]]:
     """Join a band's pieces to each other and to the open regions above; return (closed, still open).
 
-    ``rows`` is the band's upper seam and its lower seam (None for the last band). Linking is
-    a union-find over the open regions and the new pieces: a piece's upper edge is matched with
+    ``lower_seam`` is False for the last band (nothing below it stays open). Linking is a
+    union-find over the open regions and the new pieces: a piece's upper edge is matched with
     the open regions' lower seam intervals, its left edge with the right edges of the pieces of
     the chunk to its left.
     """
-    y0, y1 = rows
     first = len(open_regions)
     parent = list(range(first + len(pieces)))
 
@@ -311,18 +355,13 @@ def _link(
     seams = _Seams()
     for node, region in enumerate(open_regions):
         seams.add((-1.0, region.value), region.bottom, node)
-    for offset, (value, exact, _, bounds) in enumerate(pieces):
-        right = bounds[2]
-        if right % chunk_w == 0:
-            seams.add((right, value), _seam_intervals(exact, 0, right), first + offset)
+    for offset, piece in enumerate(pieces):
+        if piece.right_seam:
+            seams.add((piece.right, piece.value), piece.right_seam, first + offset)
     seams.sort()
-    for offset, (value, exact, _, bounds) in enumerate(pieces):
-        left, top = bounds[:2]
-        queries = []
-        if top == y0:
-            queries += [((-1.0, value), lo, hi) for lo, hi in _seam_intervals(exact, 1, y0)]
-        if left % chunk_w == 0 and left > 0:
-            queries += [((left, value), lo, hi) for lo, hi in _seam_intervals(exact, 0, left)]
+    for offset, piece in enumerate(pieces):
+        queries = [((-1.0, piece.value), lo, hi) for lo, hi in piece.top_seam]
+        queries += [((piece.left, piece.value), lo, hi) for lo, hi in piece.left_seam]
         for key, lo, hi in queries:
             for node in seams.overlapping(key, lo, hi):
                 parent[find(first + offset)] = find(node)
@@ -331,12 +370,12 @@ def _link(
         target = groups.setdefault(find(node), Region(region.value))
         target.pieces.extend(region.pieces)
         target.pixels += region.pixels
-    for offset, (value, exact, simplified, bounds) in enumerate(pieces):
-        target = groups.setdefault(find(first + offset), Region(value))
-        target.pieces.append(simplified)
-        target.pixels += exact.area
-        if y1 is not None and bounds[3] >= y1:
-            target.bottom.extend(_seam_intervals(exact, 1, y1))
+    for offset, piece in enumerate(pieces):
+        target = groups.setdefault(find(first + offset), Region(piece.value))
+        target.pieces.append(piece.shape)
+        target.pixels += piece.pixels
+        if lower_seam:
+            target.bottom.extend(piece.bottom_seam)
     closed = [region for region in groups.values() if not region.bottom]
     still_open = [region for region in groups.values() if region.bottom]
     return closed, still_open

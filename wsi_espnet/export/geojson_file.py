@@ -197,9 +197,12 @@ def _copy_range(source: BinaryIO, out: BinaryIO, size: int) -> None:
 def _rings(polygon: Polygon) -> list[list[list[float]]]:
     """RFC 7946 ring orientation, coordinates rounded to the 0.01-px snapping grid."""
     polygon = shapely.orient_polygons(polygon)
-    return [
-        np.round(shapely.get_coordinates(ring), 2).tolist() for ring in (polygon.exterior, *polygon.interiors)
-    ]
+    # All rings' points in one call (exterior first), split where the ring index changes: a
+    # region with thousands of holes costs a few numpy calls, not a few per hole.
+    coordinates, ring = shapely.get_coordinates(shapely.get_rings(polygon), return_index=True)
+    points = np.round(coordinates, 2).tolist()
+    ends = [*(np.flatnonzero(np.diff(ring)) + 1).tolist(), len(points)]
+    return [points[start:end] for start, end in zip([0, *ends[:-1]], ends, strict=True)]
 
 
 def _geometry_text(geometry: Polygon | MultiPolygon) -> bytes:
