@@ -9,7 +9,6 @@ in the same benchmark run. The targets are the ratio rows of issue 10.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -152,7 +151,7 @@ def gigapixel(b: Bench) -> dict[str, Any]:
     paths = {label: _slide(b.data, *size) for label, size in slides.items()}
     # Priced in the allocator set-up of segment's workers, so the limit is the product's network
     # at its best (it runs 1.4-1.55x slower under glibc's defaults).
-    tuned = {"GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"))}
+    tuned = {"GLIBC_TUNABLES": glibc_tunables()}
     rate = run_variant("network_rate", tuned, model=b.model, window=p.gigapixel_window, threads=2)
     runs: dict[str, Any] = {"network": rate}
     for label, slide in paths.items():

@@ -193,7 +193,7 @@ def _peer(b: Bench) -> dict[str, Any]:
     # MONAI's fastest setting once more, in the allocator set-up of our workers: how much of
     # the gap is that set-up rather than the tiling.
     name, variant, params = MONAI_SETTINGS[0]
-    tuned = {"GLIBC_TUNABLES": glibc_tunables(os.environ.get("GLIBC_TUNABLES"))}
+    tuned = {"GLIBC_TUNABLES": glibc_tunables()}
     result[f"monai_{name}_hugetlb"] = _monai(b, (slide, reference), variant, params, ours_rate, tuned)
     return result
 

@@ -41,6 +41,7 @@ NANNY_ENVIRON = "distributed.nanny.pre-spawn-environ"
 # passes). With 2-MiB pages the network ran 1.4-1.55x faster in one run each, in the main
 # thread and in a worker thread, at the same peak memory (see benchmarks/README.md).
 WORKER_TUNABLES = "glibc.malloc.hugetlb=1"
+_TUNABLE = WORKER_TUNABLES.split("=")[0]
 
 JOBQUEUE_CLASSES: dict[str, type[JobQueueCluster]] = {
     "slurm": SLURMCluster,
@@ -243,26 +244,25 @@ def worker_environ() -> dict[str, Any]:
     """
     environ = dict(dask.config.get(NANNY_ENVIRON, default={}) or {})
     environ.pop("MALLOC_TRIM_THRESHOLD_", None)
-    environ["GLIBC_TUNABLES"] = glibc_tunables(
-        environ.get("GLIBC_TUNABLES", os.environ.get("GLIBC_TUNABLES"))
-    )
+    environ["GLIBC_TUNABLES"] = glibc_tunables(environ.get("GLIBC_TUNABLES"))
     return environ
 
 
-def glibc_tunables(current: str | None) -> str:
-    """``current`` (a ``GLIBC_TUNABLES`` value) with :data:`WORKER_TUNABLES` added, unless it
-    already sets that tunable (a user's own setting wins)."""
+def glibc_tunables(current: str | None = None) -> str:
+    """``current`` (a ``GLIBC_TUNABLES`` value; this process's when None) with
+    :data:`WORKER_TUNABLES` added, unless it already sets that tunable (a user's own setting
+    wins). The benchmarks run their network-only variants under it too."""
+    current = os.environ.get("GLIBC_TUNABLES") if current is None else current
     if not current:
         return WORKER_TUNABLES
-    name = WORKER_TUNABLES.split("=")[0]
-    return current if name in current else f"{current}:{WORKER_TUNABLES}"
+    return current if _TUNABLE in current else f"{current}:{WORKER_TUNABLES}"
 
 
 def _jobqueue_options(options: dict[str, Any]) -> dict[str, Any]:
     """A job-queue profile's options with the workers' allocator tunable exported in the job
     script (after the profile's own prologue, which may already set one)."""
     line = (
-        f'case ":${{GLIBC_TUNABLES:-}}:" in *:{WORKER_TUNABLES.split("=")[0]}=*) ;; '
+        f'case ":${{GLIBC_TUNABLES:-}}:" in *:{_TUNABLE}=*) ;; '
         f'*) export GLIBC_TUNABLES="${{GLIBC_TUNABLES:+$GLIBC_TUNABLES:}}{WORKER_TUNABLES}" ;; esac'
     )
     return {**options, "job_script_prologue": [*options.get("job_script_prologue", []), line]}

@@ -167,7 +167,8 @@ def run_pyramid_units(plan: SlidePlan, level: int, units: list[ChunkIndex], *aft
         return failed
     started = time.time()
     try:
-        write_units(SlideStore.open(plan.output.store).pyramid_layers(), level, units)
+        layers = SlideStore.open(plan.output.store).pyramid_layers(range(level - 1, level + 1))
+        write_units(layers, units)
     except WsiEspnetError as exc:
         return Failed(plan.job, str(exc))
     return Stage("pyramid", started, time.time())

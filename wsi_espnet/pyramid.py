@@ -27,9 +27,10 @@ Reduce = Callable[[np.ndarray], np.ndarray]
 
 @dataclass(frozen=True)
 class Layer:
-    """One pyramid of the store (level 0 first) and how a 2x2 block of a level becomes one pixel
-    of the next: :func:`mean_2x2` (scores), :func:`mode_2x2` (labels, QC's artifacts),
-    :func:`mean_nonzero_2x2` (the confidence)."""
+    """Consecutive levels of one pyramid of the store (finest first; all of them from level 0
+    for :func:`build_levels`, a source and its target for :func:`write_units`) and how a 2x2
+    block of a level becomes one pixel of the next: :func:`mean_2x2` (scores), :func:`mode_2x2`
+    (labels, QC's artifacts), :func:`mean_nonzero_2x2` (the confidence)."""
 
     levels: list[zarr.Array]
     reduce: Reduce
@@ -52,7 +53,8 @@ def build_levels(
     current = set(written) if written is not None else set(_all_units(layers[0].levels[0]))
     for level in range(1, len(layers[0].levels)):
         units = sorted(parents(current))
-        tasks = [dask.delayed(write_units)(layers, level, [index]) for index in units]
+        pairs = [Layer(layer.levels[level - 1 : level + 1], layer.reduce) for layer in layers]
+        tasks = [dask.delayed(write_units)(pairs, [index]) for index in units]
         dask.compute(*tasks, scheduler=client if client is not None else "threads")
         current = set(units)
 
@@ -72,12 +74,12 @@ def _all_units(array: zarr.Array) -> Iterator[ChunkIndex]:
     return itertools.product(range(rows), range(cols))
 
 
-def write_units(layers: list[Layer], level: int, units: Iterable[ChunkIndex]) -> None:
-    """Write ``units`` of ``level`` of every layer from the 2x2 units of the level above: each
-    unit whole, once (the layers share the chunk grid, so one task serves them all)."""
+def write_units(layers: list[Layer], units: Iterable[ChunkIndex]) -> None:
+    """Write ``units`` of each layer's second level from the 2x2 units of its first: each unit
+    whole, once (the layers share the chunk grid, so one task serves them all)."""
     for index in units:
         for layer in layers:
-            source, target = layer.levels[level - 1], layer.levels[level]
+            source, target = layer.levels
             unit_h, unit_w = write_unit(target)[-2:]
             y0, x0 = index[0] * unit_h, index[1] * unit_w
             block = np.asarray(source[..., 2 * y0 : 2 * (y0 + unit_h), 2 * x0 : 2 * (x0 + unit_w)])

@@ -27,7 +27,7 @@ checked store to every exporter. The NGFF metadata comes from ``ngff.py``, the p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -339,10 +339,14 @@ class SlideStore:
         """
         build_levels(self.pyramid_layers(), None if written is None else list(written), client)
 
-    def pyramid_layers(self) -> list[Layer]:
-        """Every pyramid of the store with its 2x2 reduction: scores, labels, and the confidence
-        and QC artifacts where the store has them."""
-        levels = range(self.n_levels)
+    def pyramid_layers(self, levels: Sequence[int] | None = None) -> list[Layer]:
+        """Every pyramid of the store with its 2x2 reduction (scores, labels, and the confidence
+        and QC artifacts where the store has them), over ``levels`` (all when None).
+
+        A pyramid task opens only the two levels it reads and writes: opening every level of
+        every layer cost 67 ms on the 40x benchmark store, once per task.
+        """
+        levels = range(self.n_levels) if levels is None else levels
         layers = [
             Layer([self.scores(n) for n in levels], mean_2x2),
             Layer([self.labels(n) for n in levels], mode_2x2),

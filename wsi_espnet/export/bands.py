@@ -14,7 +14,7 @@ the linking, in worker processes for large maps (see :class:`BandVectoriser`); t
 are linked in band and chunk order, so the output is the same as one process's.
 
 Several layers of the same grid (the class map, the Uncertain mask, the artifact map) are
-vectorised in the same pass: one band loop, one thread pool over every (layer, chunk) of a band.
+vectorised in the same pass: one band loop, one job per (band, layer).
 
 Specks (regions under ``min_pixels``) that lie wholly inside one chunk are removed from the
 chunk's raster before it is vectorised (``skimage.measure.label``, 4-connected like the
@@ -190,6 +190,25 @@ class _BandJob:
             pieces += _block_pieces(block, (x0, self.y0), self)
         return pieces, specks
 
+    def piece(self, value: int, exact: Polygon, shape: Polygon, area: float, bounds: list[float]) -> _Piece:
+        """The :class:`_Piece` of ``exact`` (of ``bounds``) in this band, with its seam intervals."""
+        left, top, right, bottom = bounds
+
+        def on(line: bool, axis: int, at: float) -> Intervals:
+            return _seam_intervals(exact, axis, at) if line else []
+
+        return _Piece(
+            value,
+            shape,
+            area,
+            left,
+            right,
+            on(top == self.y0, 1, self.y0),
+            on(bottom >= self.y1, 1, self.y1),
+            on(left % self.chunk_w == 0 and left > 0, 0, left),
+            on(right % self.chunk_w == 0, 0, right),
+        )
+
 
 def _tally(specks: dict[Any, list[int]], key: Any, count: int, pixels: int) -> None:
     """Add ``count`` specks of ``pixels`` in all to ``specks[key]`` (``[count, pixels]``)."""
@@ -259,33 +278,11 @@ def _block_pieces(block: np.ndarray, origin: tuple[int, int], band: _BandJob) ->
     areas = shapely.area(exact[keep]).tolist()
     bounds = shapely.bounds(exact[keep]).tolist()
     return [
-        _piece(value, polygon, shape, area, (box, band))
+        band.piece(value, polygon, shape, area, box)
         for value, polygon, shape, area, box in zip(
             values[keep].tolist(), exact[keep], simplified[keep], areas, bounds, strict=True
         )
     ]
-
-
-def _piece(
-    value: int, exact: Polygon, shape: Polygon, area: float, where: tuple[list[float], _BandJob]
-) -> _Piece:
-    """The piece of ``exact`` (bounds and band in ``where``) with its seam intervals."""
-    (left, top, right, bottom), band = where
-
-    def on(line: bool, axis: int, at: float) -> Intervals:
-        return _seam_intervals(exact, axis, at) if line else []
-
-    return _Piece(
-        value,
-        shape,
-        area,
-        left,
-        right,
-        on(top == band.y0, 1, band.y0),
-        on(bottom >= band.y1, 1, band.y1),
-        on(left % band.chunk_w == 0 and left > 0, 0, left),
-        on(right % band.chunk_w == 0, 0, right),
-    )
 
 
 def _polygon(rings: list) -> Polygon:
