@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from wsi_espnet.blocks import Block
 from wsi_espnet.cluster import dashboard_link, open_client
 from wsi_espnet.config import SegmentSettings
-from wsi_espnet.finalise import submit_finalise
+from wsi_espnet.finalise import submit_finalise, submit_following_export
 from wsi_espnet.infer import Inferred, infer_task
 from wsi_espnet.outputs import SlideOutput, write_summary
 from wsi_espnet.preflight import check_output_dir, check_run
@@ -137,13 +137,15 @@ class _CohortRun:
         """After ``prepare``: submit the slide's chunk tasks and its finalise task."""
         self.bar.total += plan.n_todo
         self.bar.refresh()
+        outputs = self.settings.outputs
+        following = submit_following_export(self.submit_stage, plan, plan_future, outputs)
         writes = {
             self.submit(
                 plan.job, infer_task, plan_future, group, self.settings.inference, resources=self.resources
             ): group
             for group in task_groups(list(plan.blocks), self.settings.chunks_per_task)
         }
-        complete = submit_finalise(self.submit_stage, plan, plan_future, self.settings.outputs, writes)
+        complete = submit_finalise(self.submit_stage, plan, plan_future, outputs, writes, following)
         self.owner[complete] = plan.job
         self.futures.add(complete)
 

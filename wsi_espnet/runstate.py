@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 import platform
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,25 @@ class Skipped:
 
     job: SlideJob
     tissue_area_mm2: float | None
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one finalise stage did: wall-clock start and end (``time.time``, comparable across
+    the workers of one machine or a cluster with synchronised clocks) and what ``complete`` needs."""
+
+    name: str
+    started: float
+    ended: float
+    tissue_area_mm2: float | None = None  # the statistics stage's
+    warnings: tuple[str, ...] = field(default=())
+    busy_s: float | None = None  # a stage of several tasks: their seconds, summed
+    cpu_s: float | None = None  # an export in a process of its own: that process tree's CPU seconds
+
+    @property
+    def seconds(self) -> float:
+        """Seconds of work: the span of one task, the sum over a stage's tasks."""
+        return self.ended - self.started if self.busy_s is None else self.busy_s
 
 
 @dataclass(frozen=True)

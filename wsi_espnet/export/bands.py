@@ -14,7 +14,12 @@ the linking, in worker processes for large maps (see :class:`BandVectoriser`); t
 are linked in band and chunk order, so the output is the same as one process's.
 
 Several layers of the same grid (the class map, the Uncertain mask, the artifact map) are
-vectorised in the same pass: one band loop, one job per (band, layer).
+vectorised in the same pass: one band loop, one job per (band, layer). The jobs also count each
+band's non-background pixels, so the tissue area needs no pass of its own.
+
+A map that is still being written can be vectorised as it grows: inside :func:`following`, a
+band's jobs are submitted only once its rows are final (``segment`` vectorises the bands of its
+GeoJSON while the blocks below them still infer: :mod:`wsi_espnet.geojson_follow`).
 
 Specks (regions under ``min_pixels``) that lie wholly inside one chunk are removed from the
 chunk's raster before it is vectorised (``skimage.measure.label``, 4-connected like the
@@ -37,9 +42,11 @@ the seam, which is a pixel corner of the true boundary: harmless, and one vertex
 from __future__ import annotations
 
 import bisect
+import contextlib
+import contextvars
 import multiprocessing
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +68,23 @@ _PROCESSES_ALLOWED = False  # see allow_processes()
 
 LabelLayer = Any  # a zarr.Array or anything with ``shape``, ``chunks``, ``shards`` and 2-D slicing
 Intervals = list[tuple[float, float]]
+#: ``wait(rows)`` blocks until rows ``0:rows`` of the layers are final (see :func:`following`)
+RowsReady = Callable[[int], None]
+_ROWS_READY: contextvars.ContextVar[RowsReady | None] = contextvars.ContextVar("rows_ready", default=None)
+
+
+@contextlib.contextmanager
+def following(wait: RowsReady) -> Iterator[None]:
+    """Vectorise layers that are still being written: each band waits for ``wait(band's end row)``.
+
+    The waiting is ambient (a context variable) rather than a parameter because it belongs to
+    the caller's run, not to the export: ``write_geojson`` and ``export_all`` stay unchanged.
+    """
+    token = _ROWS_READY.set(wait)
+    try:
+        yield
+    finally:
+        _ROWS_READY.reset(token)
 
 
 @dataclass(frozen=True)
@@ -134,6 +158,8 @@ class BandVectoriser:
         self.processes = processes
         #: ``(layer index, value) -> [count, pixels]`` of the specks removed inside chunks
         self.specks: dict[tuple[int, int], list[int]] = {}
+        #: non-background pixels of each layer (specks included), complete once iterated
+        self.nonzero = [0 for _ in self.layers]
 
     def __iter__(self) -> Iterator[tuple[int, Region]]:
         if not self.layers:
@@ -142,26 +168,32 @@ class BandVectoriser:
         chunk_h, chunk_w = self.layers[0].shards or self.layers[0].chunks
         bands = [(y0, min(y0 + chunk_h, height)) for y0 in range(0, height, chunk_h)]
         open_regions: list[list[Region]] = [[] for _ in self.layers]
+        wait = _ROWS_READY.get()
         with _executor(self.processes) as pool:
             pending: deque[list[Future]] = deque()
             for y0, y1 in bands[:LOOKAHEAD]:
-                pending.append(self._submit(pool, y0, y1, chunk_w))
+                pending.append(self._submit(pool, (y0, y1), chunk_w, wait))
             for number, (_, y1) in enumerate(bands):
                 futures = pending.popleft()
-                if number + LOOKAHEAD < len(bands):
-                    pending.append(self._submit(pool, *bands[number + LOOKAHEAD], chunk_w))
                 for index, future in enumerate(futures):
-                    pieces, specks = future.result()
+                    pieces, specks, nonzero = future.result()
+                    self.nonzero[index] += nonzero
                     for value, (count, pixels) in specks.items():
                         _tally(self.specks, (index, value), count, pixels)
                     closed, open_regions[index] = _link(open_regions[index], pieces, y1 < height)
                     yield from ((index, region) for region in closed)
+                if number + LOOKAHEAD < len(bands):  # after this band's regions, so none waits on it
+                    pending.append(self._submit(pool, bands[number + LOOKAHEAD], chunk_w, wait))
             for index, regions in enumerate(open_regions):
                 yield from ((index, region) for region in regions)
 
-    def _submit(self, pool: Executor, y0: int, y1: int, chunk_w: int) -> list[Future]:
-        """One job per layer for the band of rows ``y0:y1``."""
-        job = _BandJob(y0, y1, chunk_w, self.tolerance, self.min_pixels)
+    def _submit(
+        self, pool: Executor, rows: tuple[int, int], chunk_w: int, wait: RowsReady | None
+    ) -> list[Future]:
+        """One job per layer for the band of ``rows`` (y0, y1), once they are final."""
+        if wait is not None:
+            wait(rows[1])
+        job = _BandJob(*rows, chunk_w, self.tolerance, self.min_pixels)
         return [pool.submit(job.run, layer) for layer in self.layers]
 
 
@@ -176,7 +208,9 @@ class _BandJob:
     tolerance: float
     min_pixels: float
 
-    def run(self, layer: LabelLayer) -> tuple[list[_Piece], dict[int, list[int]]]:
+    def run(self, layer: LabelLayer) -> tuple[list[_Piece], dict[int, list[int]], int]:
+        """The band's pieces, its in-chunk specks (value -> [count, pixels]) and its
+        non-background pixel count."""
         band = np.asarray(layer[self.y0 : self.y1, :])
         pieces: list[_Piece] = []
         specks: dict[int, list[int]] = {}
@@ -188,7 +222,7 @@ class _BandJob:
             for value, (count, pixels) in found.items():
                 _tally(specks, value, count, pixels)
             pieces += _block_pieces(block, (x0, self.y0), self)
-        return pieces, specks
+        return pieces, specks, int(np.count_nonzero(band != BACKGROUND))
 
     def piece(self, value: int, exact: Polygon, shape: Polygon, area: float, bounds: list[float]) -> _Piece:
         """The :class:`_Piece` of ``exact`` (of ``bounds``) in this band, with its seam intervals."""

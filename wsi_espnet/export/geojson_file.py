@@ -53,10 +53,16 @@ class CollectionWriter:
     """Collects regions into temporary files under ``scratch`` and assembles the FeatureCollection."""
 
     def __init__(
-        self, scratch: Path, um2_per_px: float, tissue_um2: float, per_region: bool, min_area_um2: float
+        self,
+        scratch: Path,
+        um2_per_px: float,
+        tissue_um2: float | None,
+        per_region: bool,
+        min_area_um2: float,
     ) -> None:
         self.scratch = scratch
         self.um2_per_px = um2_per_px  # level-0 µm² per level-0 px²
+        #: for ``Fraction of tissue``: needed from the first region per region, else by :meth:`assemble`
         self.tissue_um2 = tissue_um2
         self.per_region = per_region
         self.min_area_um2 = min_area_um2
@@ -109,7 +115,7 @@ class CollectionWriter:
         measurements = {
             "Area µm^2": round(area_um2, 3),
             "Area mm^2": round(area_um2 / 1e6, 9),
-            "Fraction of tissue": round(area_um2 / self.tissue_um2, 6) if self.tissue_um2 > 0 else 0.0,
+            "Fraction of tissue": round(area_um2 / self.tissue_um2, 6) if self.tissue_um2 else 0.0,
             "Min region area µm^2": self.min_area_um2,
         }
         if specks_um2 is not None:

@@ -1,0 +1,101 @@
+"""The level-0 GeoJSON of ``segment``, vectorised while the slide's last blocks still infer.
+
+The GeoJSON is the longest export (about 27 CPU seconds on the 40x benchmark slide, most of it
+vectorising bands of chunk rows), and it used to start only after the last block. Its band
+loop needs no more than its bands to be final, and the rows above the lowest unfinished block
+are: so the export starts with the slide's infer tasks, in a child process of its own
+(:class:`~wsi_espnet.export.isolated.ExportProcess`), and is told, each time an infer task
+ends, how many rows from the top are now written for good (no infer task still to write a chunk
+in them). It works through them on whatever CPU inference leaves idle; after the last block
+only the bands below the last unfinished row, and the assembling of the file, remain.
+
+The task waits on other tasks for most of its life, so it leaves the worker's thread pool
+(``distributed.secede``) and takes no slot from the infer tasks. An infer task that
+fails stops the export (nothing is written) and its :class:`Failed` is the stage's outcome.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from distributed import Queue, as_completed, secede
+
+from wsi_espnet.blocks import Block
+from wsi_espnet.config import OutputSettings
+from wsi_espnet.errors import WsiEspnetError
+from wsi_espnet.export.isolated import ExportProcess
+from wsi_espnet.runstate import Failed, SlidePlan, Stage
+
+GEOJSON = "geojson"
+END = "end"  # the queue's last item
+
+
+@dataclass(frozen=True)
+class Following:
+    """A following GeoJSON, submitted before its slide's infer tasks and then handed them."""
+
+    queue: Queue
+    future: Any
+
+    def hand_over(self, writes: dict[Any, list[Block]]) -> Any:
+        """Give the export the infer futures (``writes``: future -> blocks); return its future."""
+        for future, blocks in writes.items():
+            self.queue.put(sorted({row for block in blocks for row, _ in block.owned}))
+            self.queue.put(future)
+        self.queue.put(END)
+        return self.future
+
+
+def submit_following(submit: Callable[..., Any], plan_future: Any, settings: OutputSettings) -> Following:
+    """Submit the following GeoJSON; hand it the slide's infer tasks with :meth:`Following.hand_over`.
+
+    Submitted first, it gets a thread before the infer tasks take them all (and gives it back
+    at once); an infer task of many blocks would otherwise hold its thread for half a minute.
+    The infer futures travel in a Dask queue: futures passed as task arguments would be waited
+    for before the task starts, and a future made from a key inside a task is never told that
+    it finished (the scheduler informs only the clients it knows want the key; a queue's
+    ``get`` makes it so).
+    """
+    queue = Queue()
+    return Following(queue, submit(run_geojson_following, plan_future, settings, queue, priority=1))
+
+
+def final_rows(pending: Counter[int], rows: int, tile: int, height: int) -> int:
+    """Label rows from the top that are final: those above the first of ``rows`` chunk rows
+    that an infer task still has to write (``pending``: row -> writers left)."""
+    first = next((row for row in range(rows) if pending[row] > 0), rows)
+    return min(first * tile, height)
+
+
+def run_geojson_following(plan: SlidePlan, settings: OutputSettings, queue: Queue) -> Stage | Failed:
+    """Write the slide's level-0 GeoJSON while its infer tasks run (``queue``: the chunk rows
+    each writes, then its future, for each; then ``END``).
+
+    The stage's ``started`` is when the last of them ended (so ``ended - started`` is what the
+    export added after inference), ``cpu_s`` the export process tree's CPU seconds.
+    """
+    secede()
+    child = ExportProcess(plan.output.root, GEOJSON, settings, follow=True)  # imports while blocks infer
+    n_rows = plan.grid.grid_shape[0]
+    try:
+        futures: dict[Any, list[int]] = {}
+        while (rows := queue.get()) != END:
+            futures[queue.get()] = rows
+        pending = Counter(row for written in futures.values() for row in written)
+        for future in as_completed(futures) if futures else ():
+            value = future.result()  # an infer task that raised (after its retries) raises here
+            if isinstance(value, Failed):
+                return value
+            pending.subtract(futures[future])
+            child.rows_final(final_rows(pending, n_rows, plan.grid.tile, plan.grid.shape[0]))
+        inferred = time.time()
+        cpu_s = child.finish()
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
+    finally:
+        child.kill()
+    return Stage(GEOJSON, inferred, time.time(), cpu_s=cpu_s)
