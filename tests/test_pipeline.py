@@ -195,7 +195,13 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     value naming the file once, not as an exception that Dask would retry."""
     import shutil
 
-    from wsi_espnet.finalise import run_complete, run_pyramid_done, run_pyramid_units, run_statistics
+    from wsi_espnet.finalise import (
+        run_complete,
+        run_pyramid_done,
+        run_pyramid_units,
+        run_statistics,
+        run_statistics_partials,
+    )
     from wsi_espnet.infer import infer_task
     from wsi_espnet.prepare import prepare_slide
     from wsi_espnet.runstate import Failed, SlidePlan
@@ -207,7 +213,9 @@ def test_tasks_return_user_problems_as_values(small_slide, tissue_card, tmp_path
     (tmp_path / "moved.tif").unlink()
     failed = infer_task(plan, list(plan.blocks[:1]), settings.inference)
     assert isinstance(failed, Failed) and failed.error.count("moved.tif") == 1
-    assert run_statistics(plan, settings.outputs, failed) == failed  # finalise does not run
+    # finalise does not run
+    assert run_statistics_partials(plan, settings.outputs, [(0, 0)], failed) == failed
+    assert run_statistics(plan, settings.outputs, [failed], failed) == failed
     assert run_pyramid_units(plan, 1, [(0, 0)], failed) == failed
     assert run_pyramid_done(plan, failed) == failed
     assert run_complete(plan, settings.outputs, [failed, failed], failed) == failed

@@ -12,7 +12,13 @@ from scipy import ndimage
 from skimage import measure
 
 from wsi_espnet.grid import TileGrid
-from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statistics
+from wsi_espnet.stats import (
+    StatisticsOptions,
+    chunk_partials,
+    compute_statistics,
+    from_partials,
+    write_statistics,
+)
 from wsi_espnet.store import SlideStore
 from wsi_espnet.tissue import TissueMask
 
@@ -180,6 +186,18 @@ def test_region_across_four_chunks_and_diagonal_corner_counted_once(tmp_path: Pa
     assert by_name["epithelium"]["regions"] == 2
     assert by_name["blood"]["regions"] == 2
     assert stats["tissue_area_mm2"] == pytest.approx(906 * MPP**2 / 1e6)
+
+
+def test_partials_of_chunk_groups_give_the_statistics_of_all_chunks(tmp_path: Path) -> None:
+    """``segment`` computes each infer task's partials as it ends: regions that cross from one
+    group's chunks into another's are still merged, and every figure is the same."""
+    labels, tissue = _random_labels(4), _tissue()
+    labels[20:50, 20:50] = 2  # one region over four chunks, split between the groups below
+    store = _store(tmp_path, labels)
+    indices = [chunk.index for chunk in store.grid.chunks]
+    groups = [indices[0::3], indices[1::3], indices[2::3]]
+    parts = [part for group in groups for part in chunk_partials(store, tissue, group)]
+    assert from_partials(store, parts, SCALE) == compute_statistics(store, tissue, SCALE)
 
 
 def test_all_background_gives_zero_areas(tmp_path: Path) -> None:

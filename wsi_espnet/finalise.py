@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import dask
@@ -40,12 +41,11 @@ from wsi_espnet.export.geojson import needs_pyramid
 from wsi_espnet.export.isolated import export_in_process
 from wsi_espnet.geojson_follow import GEOJSON, Following, submit_following
 from wsi_espnet.infer import Inferred
-from wsi_espnet.outputs import ProgressLog
 from wsi_espnet.pyramid import parents, write_units
 from wsi_espnet.qc_stats import qc_warnings, write_artifacts_csv
 from wsi_espnet.roi_stats import write_roi_csv
 from wsi_espnet.runstate import Done, Failed, RunRecord, SlidePlan, Stage
-from wsi_espnet.stats import StatisticsOptions, compute_statistics, write_statistics
+from wsi_espnet.stats import StatisticsOptions, chunk_partials, from_partials, write_statistics
 from wsi_espnet.store import SlideStore
 
 REPORT = "html"
@@ -84,7 +84,7 @@ def submit_finalise(
     overlay also waits for the statistics (its legend shows them).
     """
     inferred = list(writes)
-    statistics = submit(run_statistics, plan_future, settings, *inferred)
+    statistics = submit_statistics(submit, plan, plan_future, settings, writes)
     pyramid = submit_pyramid(submit, plan, plan_future, writes)
     exports = []
     for fmt in (f for f in settings.formats if f != REPORT):
@@ -110,19 +110,78 @@ def _first_failure(values: tuple[Any, ...] | list[Any]) -> Failed | None:
     return next((value for value in values if isinstance(value, Failed)), None)
 
 
-def run_statistics(plan: SlidePlan, settings: OutputSettings, *inferred: Inferred | Failed) -> Stage | Failed:
-    """Statistics from level 0: stats.json/.csv (and the ROI and QC tables); run.json ``exporting``."""
-    if (failed := _first_failure(inferred)) is not None:
+@dataclass(frozen=True)
+class _Partials:
+    """The statistics' per-chunk partials of one infer task's chunks, and the seconds they took."""
+
+    parts: list[Any]
+    seconds: float
+
+
+def submit_statistics(
+    submit: Callable[..., Any],
+    plan: SlidePlan,
+    plan_future: Any,
+    settings: OutputSettings,
+    writes: dict[Any, list[Block]],
+) -> Any:
+    """Submit the statistics: each infer task's chunk partials as soon as it is done (priority 1,
+    so they are computed while the last blocks infer), and the reduction after the last one.
+
+    Chunks of an earlier run (``plan.written``) get a partial task of their own. Return the
+    future of the statistics :class:`Stage`.
+    """
+    inferred = list(writes)
+    groups = [
+        (sorted(i for block in blocks for i in block.owned), (future,)) for future, blocks in writes.items()
+    ]
+    if plan.written:
+        groups.append((sorted(plan.written), ()))
+    parts = [
+        submit(run_statistics_partials, plan_future, settings, indices, *after, priority=1)
+        for indices, after in groups
+    ]
+    return submit(run_statistics, plan_future, settings, parts, *inferred)
+
+
+def run_statistics_partials(
+    plan: SlidePlan, settings: OutputSettings, indices: list[ChunkIndex], *after: Inferred | Failed
+) -> _Partials | Failed:
+    """The statistics' partials of level-0 chunks ``indices``, once the task ``after`` wrote them."""
+    if (failed := _first_failure(after)) is not None:
         return failed
-    started = time.time()
+    started = time.perf_counter()
     try:
         store = SlideStore.open(plan.output.store)
-        written = ProgressLog(plan.output.progress_dir).done()
+        with dask.config.set(scheduler="threads"):  # not the worker's own client
+            parts = chunk_partials(store, plan.tissue, indices, _statistics_options(plan, settings))
+    except WsiEspnetError as exc:
+        return Failed(plan.job, str(exc))
+    return _Partials(parts, time.perf_counter() - started)
+
+
+def _statistics_options(plan: SlidePlan, settings: OutputSettings) -> StatisticsOptions:
+    return StatisticsOptions(plan.roi, settings.low_confidence)
+
+
+def run_statistics(
+    plan: SlidePlan,
+    settings: OutputSettings,
+    partials: list[_Partials | Failed],
+    *inferred: Inferred | Failed,
+) -> Stage | Failed:
+    """Statistics from level 0 (``partials``: every written chunk's, in groups): stats.json/.csv
+    (and the ROI and QC tables); run.json ``exporting``."""
+    if (failed := _first_failure(inferred) or _first_failure(partials)) is not None:
+        return failed
+    started = time.time()
+    groups = cast(list[_Partials], partials)
+    try:
+        store = SlideStore.open(plan.output.store)
+        parts = [part for group in groups for part in group.parts]
         with dask.config.set(scheduler="threads"):
-            options = StatisticsOptions(plan.roi, settings.low_confidence)
-            stats = compute_statistics(
-                store, plan.tissue, plan.mpp / plan.slide_mpp, written, options=options
-            )
+            options = _statistics_options(plan, settings)
+            stats = from_partials(store, parts, plan.mpp / plan.slide_mpp, options)
         write_statistics(stats, plan.output.stats_json, plan.output.stats_csv)
         if "roi" in stats:
             write_roi_csv(stats["roi"], plan.output.roi_csv)
@@ -133,7 +192,8 @@ def run_statistics(plan: SlidePlan, settings: OutputSettings, *inferred: Inferre
     warnings = (f"{plan.job.path}: no tissue found; outputs are empty",) if area == 0 else ()
     warnings += qc_warnings(plan.job.path, plan.qc, stats)
     processed = sum(i.chunks for i in inferred if isinstance(i, Inferred))
-    timings = {**_stage_seconds(inferred), "statistics_s": time.time() - started}
+    seconds = time.time() - started + sum(group.seconds for group in groups)
+    timings = {**_stage_seconds(inferred), "statistics_s": seconds}
     record = RunRecord.read(plan.output).finished(processed, timings, area)
     record = record.with_fields(
         inference={

@@ -258,19 +258,46 @@ def compute_statistics(
     With ``options.roi`` (``--roi``) the labels already cover only the ROI; the result gains the
     per-ROI table ``roi`` and ``roi_area_mm2`` (:mod:`wsi_espnet.roi_stats`).
     ``options.low_confidence`` is the threshold of the confidence statistics
-    (:mod:`wsi_espnet.confidence`).
+    (:mod:`wsi_espnet.confidence`). This is :func:`chunk_partials` then
+    :func:`from_partials`; ``segment`` runs the two apart, the partials as blocks finish.
+    """
+    indices = [c.index for c in store.grid.chunks] if written is None else sorted(written)
+    parts = chunk_partials(store, tissue, indices, options, client)
+    return from_partials(store, parts, level0_scale, options, client)
+
+
+def chunk_partials(
+    store: SlideStore,
+    tissue: TissueMask,
+    indices: Iterable[tuple[int, int]],
+    options: StatisticsOptions = StatisticsOptions(),
+    client: Any = None,
+) -> list[_ChunkPartial]:
+    """What each chunk of ``indices`` contributes (one Dask task each: ``client`` or local threads).
+
+    Partials of disjoint chunk sets can be computed apart and their lists joined.
     """
     mpp, labels = store.mpp, store.labels(0)
-    chunks = store.grid.chunks if written is None else [store.grid.chunk(i) for i in sorted(written)]
     tissue_node = dask.delayed(tissue, pure=True)
-    roi, low_confidence = options.roi, options.low_confidence
     array = store.confidence(0)
-    source = conf.ConfidenceSource(array, low_confidence) if array is not None else None
-    layers = dask.delayed(_Layers(roi, source), pure=True)
+    source = conf.ConfidenceSource(array, options.low_confidence) if array is not None else None
+    layers = dask.delayed(_Layers(options.roi, source), pure=True)
+    chunks = [store.grid.chunk(index) for index in indices]
     tasks = [dask.delayed(_chunk_partial, pure=True)(labels, tissue_node, mpp, c, layers) for c in chunks]
-    scheduler = client if client is not None else "threads"
-    parts: list[_ChunkPartial] = list(dask.compute(*tasks, scheduler=scheduler))
+    return list(dask.compute(*tasks, scheduler=client if client is not None else "threads"))
 
+
+def from_partials(
+    store: SlideStore,
+    parts: list[_ChunkPartial],
+    level0_scale: float,
+    options: StatisticsOptions = StatisticsOptions(),
+    client: Any = None,
+) -> dict[str, Any]:
+    """The statistics of the chunks whose partials are ``parts`` (every written chunk once); the
+    artifact and ROI tables are read here, from the same chunks."""
+    mpp, roi = store.mpp, options.roi
+    chunks = [store.grid.chunk(index) for index in sorted(p.index for p in parts)]
     counts = sum((p.counts for p in parts), np.zeros(N_VALUES, np.int64))
     region_sizes, region_classes = _merge_regions({p.index: p for p in parts})
     tissue_pixels = int(counts.sum() - counts[BACKGROUND])
@@ -290,7 +317,8 @@ def compute_statistics(
                 "largest_region_mm2": (int(of_class.max()) if len(of_class) else 0) * mpp**2 / 1e6,
             }
         )
-    confidence_keys = conf.add_statistics(rows, counts, [p.confidence for p in parts], low_confidence)
+    confidence = [p.confidence for p in parts]
+    confidence_keys = conf.add_statistics(rows, counts, confidence, options.low_confidence)
     dims = store.attrs.get("slide", {}).get("dimensions")
     limits = (int(dims[0]), int(dims[1])) if dims else None
     result = {
@@ -306,6 +334,7 @@ def compute_statistics(
         **artifact_statistics(store, chunks, tissue_pixels, client),
     }
     if roi is not None:
+        scheduler = client if client is not None else "threads"
         result["roi"], result["roi_area_mm2"] = roi_table(store, roi, [c.index for c in chunks], scheduler)
     return result
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from wsi_espnet.errors import OutputError, WsiEspnetError
 USER_PROBLEM = 1  # the child's exit status for a WsiEspnetError
 PARENT_GONE = 2  # the child's exit status when its parent went before saying DONE
 DONE = "done"  # the line that says every row is final
+FOLLOW_NICENESS = 10  # a following export's scheduling priority below its parent's
 
 
 class ExportProcess:
@@ -125,6 +127,9 @@ def main() -> int:
     settings = OutputSettings(**{**options, "formats": tuple(options["formats"])})
     try:
         if request.get("follow"):
+            # Runs beside inference: yield the cores to it (the band workers inherit this), so the
+            # bands take the CPU the network leaves idle rather than slow its threads down.
+            os.nice(FOLLOW_NICENESS)
             with following(_RowsFromParent(sys.stdin)):
                 export_all(request["root"], (request["format"],), settings)
         else:
