@@ -45,7 +45,8 @@ def _peer(peer: dict[str, Any], _: dict[str, Any]) -> list[str]:
             lines.append(
                 f"[peer] MONAI {key[6:]}: {run['output_mpx_per_s']:.3g} MPx/s, agreement "
                 f"{run['agreement']:.4f}, peak RSS {run['peak_rss_mib']:.0f} MiB; "
-                f"ours x{run['ours_speedup']:.2f}"
+                f"ours x{run['ours_speedup']:.2f} (x{run['ours_speedup_whole_process']:.2f} against "
+                f"its whole process, {run['process_s']:.1f} s)"
             )
     return lines
 

@@ -121,14 +121,15 @@ def main() -> int:
     from wsi_espnet.export import export_all  # the child's only heavy import
     from wsi_espnet.export.bands import allow_processes, following
 
-    allow_processes()  # this module is __main__ here, and safe for spawned workers to import
     request = json.loads(sys.stdin.readline())
+    if not request.get("follow"):  # beside inference, two more processes cost memory for idle cores
+        allow_processes()  # this module is __main__ here, and safe for spawned workers to import
     options = request["settings"]
     settings = OutputSettings(**{**options, "formats": tuple(options["formats"])})
     try:
         if request.get("follow"):
-            # Runs beside inference: yield the cores to it (the band workers inherit this), so the
-            # bands take the CPU the network leaves idle rather than slow its threads down.
+            # Runs beside inference: yield the cores to it, so the bands take the CPU the network
+            # leaves idle rather than slow its threads down.
             os.nice(FOLLOW_NICENESS)
             with following(_RowsFromParent(sys.stdin)):
                 export_all(request["root"], (request["format"],), settings)
