@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 from scipy import ndimage
-from skimage import draw, morphology
+from skimage import draw
 
 from wsi_espnet.qc import SlideQc, artifact_map, slide_qc
 from wsi_espnet.slide import Slide
@@ -37,7 +37,10 @@ def paint_strokes(image: np.ndarray, mpp: float, seed: int) -> tuple[np.ndarray,
             path[rows, cols] = True
             y, x = y2, x2
         radius = round(rng.uniform(15, 25) / mpp)
-        mask = ndimage.binary_dilation(path, morphology.disk(radius))
+        # The path dilated by a disk of ``radius`` (``morphology.disk``: offsets with
+        # dy² + dx² <= radius²) is every pixel that close to it: a distance transform gives
+        # exactly that in linear time (a 100-px disk's dilation took minutes on CMU-1).
+        mask = ndimage.distance_transform_edt(~path) <= radius
         out[mask] = (1 - ALPHA) * out[mask] + ALPHA * np.array(ink, np.float32)
         masks[name] = mask
     return np.round(out).astype(np.uint8), masks

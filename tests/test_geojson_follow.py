@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 import shapely
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client, Future, LocalCluster
 from export_stores import blob_labels, write_store
 
 from wsi_espnet.config import OutputSettings
@@ -85,8 +87,8 @@ def _plan(store_dir: Path, shape: tuple[int, int]) -> SlidePlan:
     return SlidePlan(**values)
 
 
-def _result(value: object) -> object:
-    time.sleep(0.5)  # finishes after the export has started waiting
+def _result(value: object, seconds: float = 0.5) -> object:
+    time.sleep(seconds)  # finishes after the export has started waiting
     return value
 
 
@@ -96,17 +98,23 @@ def client():
         yield dask_client
 
 
-def _following(client: Client, tmp_path: Path, values: list[object], rows: list[list[int]]) -> object:
-    """Submit the following export as ``segment`` does, hand it writers that return ``values``
-    (writing ``rows``), and return its outcome."""
+def _submit_following(
+    client: Client, tmp_path: Path, values: list[object], rows: list[list[int]], seconds: float = 0.5
+) -> Future:
+    """Submit the following export as ``segment`` does and hand it writers that return
+    ``values`` after ``seconds`` (writing ``rows``); return its future."""
     plan = _plan(tmp_path, (200, 200))
 
     def submit(func, *args, priority=0):
         return client.submit(func, *args, priority=priority, pure=False)
 
     following = submit_following(submit, plan, SETTINGS)
-    writers = [client.submit(_result, value, pure=False) for value in values]
-    return following.hand_over(dict(zip(writers, [[_Owner(r)] for r in rows], strict=True))).result()
+    writers = [client.submit(_result, value, seconds, pure=False) for value in values]
+    return following.hand_over(dict(zip(writers, [[_Owner(r)] for r in rows], strict=True)))
+
+
+def _following(client: Client, tmp_path: Path, values: list[object], rows: list[list[int]]) -> object:
+    return _submit_following(client, tmp_path, values, rows).result()
 
 
 @dataclass(frozen=True)
@@ -136,3 +144,20 @@ def test_following_export_stops_at_a_failed_infer_task(tmp_path: Path, client) -
     failed = Failed(SlideJob(tmp_path / "slide.svs"), f"{tmp_path / 'slide.svs'}: cannot read tile")
     assert _following(client, tmp_path, ["rows 0", failed], [[0], [1, 2, 3]]) == failed
     assert not list(tmp_path.glob("*.geojson"))
+
+
+def test_following_export_survives_the_loss_of_its_worker(tmp_path: Path) -> None:
+    """A worker lost mid-run (killed, out of memory, pre-empted) reruns the task on its
+    replacement: the rerun finds the infer futures again (they were handed over in Dask
+    variables, which a read does not consume) and writes the whole file."""
+    store = write_store(tmp_path, blob_labels((200, 200), seed=27), tile=64, n_levels=1)
+    with LocalCluster(n_workers=1, threads_per_worker=2) as cluster, Client(cluster) as dask_client:
+        future = _submit_following(dask_client, tmp_path, ["rows 0", "rows 1"], [[0, 1], [2, 3]], seconds=4.0)
+        time.sleep(2.0)  # the export is running and waiting for its writers
+        with contextlib.suppress(Exception):  # the connection to the killed worker breaks
+            dask_client.run(os._exit, 1)
+        stage = future.result(timeout=240)
+    assert stage.name == "geojson" and stage.cpu_s > 0
+    followed = (tmp_path / "slide.geojson").read_bytes()
+    export_all(store, settings=SETTINGS)
+    assert followed == (tmp_path / "slide.geojson").read_bytes()

@@ -13,7 +13,7 @@ The statistics and a level-0 GeoJSON read only level 0, so they do not wait for 
 and the GeoJSON counts its tissue area itself rather than wait for the statistics. It does
 not even wait for the last block: it starts with the infer tasks and vectorises each band of
 chunk rows once no block is left to write in it (:mod:`wsi_espnet.geojson_follow`; 40x
-benchmark slide: 31 s after the last block before, 10 s now). The OME-TIFF reads only the
+benchmark slide: 31 s after the last block before, 12 s now). The OME-TIFF reads only the
 pyramid, the overlay also the statistics (its legend).
 The pyramid does not wait for the last block either: each task writes a group of parent units
 as soon as the tasks that write their children are done (:func:`submit_pyramid`), so most of it

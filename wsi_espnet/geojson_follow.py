@@ -17,12 +17,13 @@ fails stops the export (nothing is written) and its :class:`Failed` is the stage
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from distributed import Queue, as_completed, secede
+from distributed import Variable, as_completed, secede
 
 from wsi_espnet.blocks import Block
 from wsi_espnet.config import OutputSettings
@@ -31,22 +32,22 @@ from wsi_espnet.export.isolated import ExportProcess
 from wsi_espnet.runstate import Failed, SlidePlan, Stage
 
 GEOJSON = "geojson"
-END = "end"  # the queue's last item
 
 
 @dataclass(frozen=True)
 class Following:
     """A following GeoJSON, submitted before its slide's infer tasks and then handed them."""
 
-    queue: Queue
+    name: str  # of the Dask variables that hand them over
     future: Any
+    client: Any  # the run's (None: the default client)
 
     def hand_over(self, writes: dict[Any, list[Block]]) -> Any:
         """Give the export the infer futures (``writes``: future -> blocks); return its future."""
-        for future, blocks in writes.items():
-            self.queue.put(sorted({row for block in blocks for row, _ in block.owned}))
-            self.queue.put(future)
-        self.queue.put(END)
+        for index, future in enumerate(writes):
+            Variable(f"{self.name}-{index}", client=self.client).set(future)
+        rows = [sorted({row for block in blocks for row, _ in block.owned}) for blocks in writes.values()]
+        Variable(f"{self.name}-rows", client=self.client).set(rows)  # last: the task reads it first
         return self.future
 
 
@@ -55,13 +56,15 @@ def submit_following(submit: Callable[..., Any], plan_future: Any, settings: Out
 
     Submitted first, it gets a thread before the infer tasks take them all (and gives it back
     at once); an infer task of many blocks would otherwise hold its thread for half a minute.
-    The infer futures travel in a Dask queue: futures passed as task arguments would be waited
-    for before the task starts, and a future made from a key inside a task is never told that
-    it finished (the scheduler informs only the clients it knows want the key; a queue's
-    ``get`` makes it so).
+    The infer futures travel in Dask variables: futures passed as task arguments would be
+    waited for before the task starts, and a future made from a key inside a task is never
+    told that it finished (the scheduler informs only the clients it knows want the key; a
+    variable's ``get`` makes it so). Unlike a queue's items, a variable's value can be read
+    again: a task rerun on another worker (its first worker lost) finds the futures still there.
     """
-    queue = Queue()
-    return Following(queue, submit(run_geojson_following, plan_future, settings, queue, priority=1))
+    name = f"wsi-espnet-geojson-{uuid.uuid4().hex}"
+    future = submit(run_geojson_following, plan_future, settings, name, priority=1)
+    return Following(name, future, getattr(plan_future, "client", None))
 
 
 def final_rows(pending: Counter[int], rows: int, tile: int, height: int) -> int:
@@ -71,31 +74,40 @@ def final_rows(pending: Counter[int], rows: int, tile: int, height: int) -> int:
     return min(first * tile, height)
 
 
-def run_geojson_following(plan: SlidePlan, settings: OutputSettings, queue: Queue) -> Stage | Failed:
-    """Write the slide's level-0 GeoJSON while its infer tasks run (``queue``: the chunk rows
-    each writes, then its future, for each; then ``END``).
+def run_geojson_following(plan: SlidePlan, settings: OutputSettings, name: str) -> Stage | Failed:
+    """Write the slide's level-0 GeoJSON while its infer tasks run (the variables ``name``-rows:
+    the chunk rows each writes; ``name``-0, -1, ...: their futures).
 
     The stage's ``started`` is when the last of them ended (so ``ended - started`` is what the
     export added after inference), ``cpu_s`` the export process tree's CPU seconds.
     """
     secede()
     child = ExportProcess(plan.output.root, GEOJSON, settings, follow=True)  # imports while blocks infer
-    n_rows = plan.grid.grid_shape[0]
+    futures: dict[Any, list[int]] = {}
     try:
-        futures: dict[Any, list[int]] = {}
-        while (rows := queue.get()) != END:
-            futures[queue.get()] = rows
-        pending = Counter(row for written in futures.values() for row in written)
+        rows: list[list[int]] = Variable(f"{name}-rows").get()
+        futures = {Variable(f"{name}-{index}").get(): written for index, written in enumerate(rows)}
+        pending = Counter(row for written in rows for row in written)
+        n_rows = plan.grid.grid_shape[0]
         for future in as_completed(futures) if futures else ():
             value = future.result()  # an infer task that raised (after its retries) raises here
             if isinstance(value, Failed):
+                _release(name, len(rows))
                 return value
             pending.subtract(futures[future])
             child.rows_final(final_rows(pending, n_rows, plan.grid.tile, plan.grid.shape[0]))
         inferred = time.time()
         cpu_s = child.finish()
-    except WsiEspnetError as exc:
+        _release(name, len(rows))
+    except WsiEspnetError as exc:  # from the export: a user problem, not worth a rerun
+        _release(name, len(futures))
         return Failed(plan.job, str(exc))
     finally:
         child.kill()
     return Stage(GEOJSON, inferred, time.time(), cpu_s=cpu_s)
+
+
+def _release(name: str, writers: int) -> None:
+    """Delete the hand-over variables, once no rerun can need them (after an outcome)."""
+    for suffix in ("rows", *range(writers)):
+        Variable(f"{name}-{suffix}").delete()
