@@ -63,6 +63,12 @@ class Block:
         return slice(y, y + chunk.h), slice(x, x + chunk.w)
 
 
+def owned_chunks(blocks: Iterable[Block]) -> list[ChunkIndex]:
+    """Every chunk the ``blocks`` own, block by block: what the task that runs them writes
+    (its statistics partials, its pyramid parents, the GeoJSON rows it finishes)."""
+    return [index for block in blocks for index in block.owned]
+
+
 def _selection_mask(selected: Iterable[Chunk | ChunkIndex], grid: TileGrid) -> np.ndarray:
     """Boolean (rows, cols) grid mask of the selected chunks (Chunk objects or (row, col) indices)."""
     mask = np.zeros(grid.grid_shape, bool)

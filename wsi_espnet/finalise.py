@@ -33,7 +33,7 @@ from typing import Any, cast
 
 import dask
 
-from wsi_espnet.blocks import Block
+from wsi_espnet.blocks import Block, owned_chunks
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export import export_all
@@ -132,9 +132,7 @@ def submit_statistics(
     future of the statistics :class:`Stage`.
     """
     inferred = list(writes)
-    groups = [
-        (sorted(i for block in blocks for i in block.owned), (future,)) for future, blocks in writes.items()
-    ]
+    groups = [(sorted(owned_chunks(blocks)), (future,)) for future, blocks in writes.items()]
     if plan.written:
         groups.append((sorted(plan.written), ()))
     parts = [
@@ -217,7 +215,7 @@ def submit_pyramid(
     """
     writers: dict[ChunkIndex, tuple[Any, ...]] = {index: () for index in plan.written}
     for future, blocks in writes.items():
-        writers.update({index: (future,) for block in blocks for index in block.owned})
+        writers.update({index: (future,) for index in owned_chunks(blocks)})
     parts = []
     for level in range(1, plan.levels):
         groups: dict[frozenset[Any], list[ChunkIndex]] = {}

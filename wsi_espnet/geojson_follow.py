@@ -25,7 +25,7 @@ from typing import Any
 
 from distributed import Variable, as_completed, secede
 
-from wsi_espnet.blocks import Block
+from wsi_espnet.blocks import Block, owned_chunks
 from wsi_espnet.config import OutputSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.export.isolated import ExportProcess
@@ -46,7 +46,7 @@ class Following:
         """Give the export the infer futures (``writes``: future -> blocks); return its future."""
         for index, future in enumerate(writes):
             Variable(f"{self.name}-{index}", client=self.client).set(future)
-        rows = [sorted({row for block in blocks for row, _ in block.owned}) for blocks in writes.values()]
+        rows = [sorted({row for row, _ in owned_chunks(blocks)}) for blocks in writes.values()]
         Variable(f"{self.name}-rows", client=self.client).set(rows)  # last: the task reads it first
         return self.future
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_espnet.block_size import blocks_per_pass, choose_block_chunks
-from wsi_espnet.blocks import Block, amplification, halo_union_floor, plan_blocks
+from wsi_espnet.blocks import Block, amplification, halo_union_floor, owned_chunks, plan_blocks
 from wsi_espnet.config import SegmentSettings
 from wsi_espnet.devices import resolve_device
 from wsi_espnet.errors import WsiEspnetError
@@ -91,7 +91,7 @@ def prepare_slide(job: SlideJob, outdir: Path, settings: SegmentSettings) -> Sli
         done = ProgressLog(output.progress_dir).done()
         k, source = _block_chunks(settings, grid, output if resumed else None)
         blocks = _pending_blocks([c.index for c in selected], grid, k, done)
-        todo = [index for block in blocks for index in block.owned]
+        todo = owned_chunks(blocks)
         provenance = {
             "model": _model_record(card),
             "parameters": settings.as_record() | {"mpp": mpp, "slide_mpp": given_mpp},
