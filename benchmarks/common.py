@@ -47,6 +47,7 @@ class Profile:
     gigapixel_window: int  # side of the no-halo window that measures the network's own rate
     peer_side: int  # side of the CMU-1 mosaic for the MONAI peer (8880: 4 x 4 crops)
     seam_tile: int = 256
+    gigapixel_repeats: int = 1  # whole commands per gigapixel slide (interleaved; medians used)
     tissue_fraction: float = 0.3
     settings: dict[str, Any] = field(default_factory=dict)  # overrides of SegmentSettings
 
@@ -128,12 +129,15 @@ def _write_pyramid(path: Path, level: np.ndarray, mpp: float) -> None:
 
 class _TreeRssSampler(threading.Thread):
     """Peak of the summed RSS of a process and all its descendants (Dask workers included),
-    sampled every 50 ms: ``ru_maxrss`` alone would give the largest single process only."""
+    sampled every 50 ms: ``ru_maxrss`` alone would give the largest single process only. Also
+    the CPU seconds (user + system) of every process of the tree, from each one's last sample:
+    whether the cores were busy, and with what (a process that lives under 50 ms is missed)."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid = pid
         self.peak = 0
+        self.cpu: dict[int, float] = {}
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -145,7 +149,10 @@ class _TreeRssSampler(threading.Thread):
             total = 0
             try:
                 for proc in [root, *root.children(recursive=True)]:
-                    total += proc.memory_info().rss
+                    with proc.oneshot():
+                        total += proc.memory_info().rss
+                        times = proc.cpu_times()
+                    self.cpu[proc.pid] = times.user + times.system
             except psutil.Error:
                 pass
             self.peak = max(self.peak, total)
@@ -171,13 +178,15 @@ def run_variant(name: str, env: dict[str, str] | None = None, **params: Any) -> 
 
 @dataclass(frozen=True)
 class SampledRun:
-    """A finished subprocess: exit status, output, wall clock and the tree's sampled peak RSS."""
+    """A finished subprocess: exit status, output, wall clock, the tree's sampled peak RSS and
+    CPU seconds."""
 
     returncode: int
     stdout: str
     stderr: str
     wall_s: float
     peak_rss_mib: float
+    cpu_s: float
 
 
 def run_sampled(cmd: list[str], env: dict[str, str] | None = None) -> SampledRun:
@@ -192,15 +201,17 @@ def run_sampled(cmd: list[str], env: dict[str, str] | None = None) -> SampledRun
     wall = time.perf_counter() - start
     sampler.done.set()
     sampler.join()
-    return SampledRun(proc.returncode, stdout, stderr, wall, round(sampler.peak / 2**20, 1))
+    peak, cpu = round(sampler.peak / 2**20, 1), round(sum(sampler.cpu.values()), 1)
+    return SampledRun(proc.returncode, stdout, stderr, wall, peak, cpu)
 
 
 def segment_command(slide: Path, outdir: Path, options: dict[str, Any]) -> dict[str, Any]:
     """``python -m wsi_espnet segment SLIDE -o OUTDIR --overwrite [options]`` in a fresh process.
 
-    Returns wall clock and peak RSS of the whole process tree (client, scheduler, workers),
-    exports included, plus the slide's run.json. ``options`` map option names to values
-    (``{"tile": 256}`` → ``--tile 256``; True → a bare flag; False → ``--no-<flag>``).
+    Returns wall clock, peak RSS and CPU seconds of the whole process tree (client, scheduler,
+    workers, export processes), exports included, plus the slide's run.json. ``options`` map
+    option names to values (``{"tile": 256}`` → ``--tile 256``; True → a bare flag; False →
+    ``--no-<flag>``).
     """
     from wsi_espnet.outputs import SlideOutput
 
@@ -222,6 +233,7 @@ def segment_command(slide: Path, outdir: Path, options: dict[str, Any]) -> dict[
         "command": shlex.join(["python", *cmd[1:]]),
         "wall_s": run.wall_s,
         "peak_rss_mib": run.peak_rss_mib,
+        "cpu_s": run.cpu_s,
         "run": output.read_run() or {},
         "output": str(output.root),
     }

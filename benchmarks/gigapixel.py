@@ -9,6 +9,8 @@ in the same benchmark run. The targets are the ratio rows of issue 10.
 
 from __future__ import annotations
 
+import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +88,10 @@ def _flat_timings(timings: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dict[str, Any]:
-    """Limit, amplification and stage shares of one finished ``segment`` run."""
+def _analyse(cmd: dict[str, Any], rate: float) -> dict[str, Any]:
+    """Limit, amplification, stage shares and CPU use of one finished ``segment`` command
+    (what :func:`~benchmarks.common.segment_command` returned)."""
+    run, output, wall = cmd["run"], Path(cmd["output"]), cmd["wall_s"]
     params, shape = run["parameters"], tuple(run["store_params"]["shape"])
     tile, halo = int(params["tile"]), int(params["halo"])
     chunks = selected_chunks(output)
@@ -102,7 +106,16 @@ def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dic
         "finalise_wall_s", timings.get("pyramid_s", 0.0) + timings.get("statistics_s", 0.0) + exports
     )
     limit_s = union / (rate * 1e6)
+    cores = os.cpu_count() or 1
     return {
+        "command": cmd["command"],
+        "wall_s": wall,
+        "peak_rss_mib": cmd["peak_rss_mib"],
+        # CPU seconds of the whole process tree, and the limit ÷ wall that spreading exactly
+        # this work over every core would give: how much of the gap is work, not idle cores.
+        "cpu_s": cmd["cpu_s"],
+        "busy_cores": cmd["cpu_s"] / wall,
+        "limit_over_wall_ceiling_at_this_cpu": limit_s * cores / cmd["cpu_s"] if cmd["cpu_s"] else None,
         "analysis_shape": list(shape),
         "tile": tile,
         "halo": halo,
@@ -118,15 +131,32 @@ def _analyse(run: dict[str, Any], output: Path, wall: float, rate: float) -> dic
         "limit_s": limit_s,
         "limit_over_wall": limit_s / wall,
         "timings_s": timings,
+        "exports_span_s": exports,
         "post_inference_s": post,
         "post_inference_share": post / wall,
     }
 
 
-def _exports_s(run: dict[str, Any]) -> float | None:
-    """Seconds of the export stage: its wall time when recorded (exports overlap), else the sum."""
-    timings = run["timings_s"]
-    return timings.get("exports_wall_s", timings.get("exports_s"))
+# Figures taken as the median over a slide's repeated commands (the rest are the first run's).
+MEDIAN_KEYS = (
+    "wall_s",
+    "peak_rss_mib",
+    "cpu_s",
+    "busy_cores",
+    "limit_over_wall_ceiling_at_this_cpu",
+    "output_mpx_per_s",
+    "limit_over_wall",
+    "exports_span_s",
+    "post_inference_s",
+    "post_inference_share",
+)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's analysis with each of :data:`MEDIAN_KEYS` the median over ``runs``, and
+    those figures of every run under ``repeats``."""
+    medians = {k: statistics.median(r[k] for r in runs) for k in MEDIAN_KEYS if runs[0][k] is not None}
+    return {**runs[0], **medians, "repeats": [{k: r[k] for k in MEDIAN_KEYS} for r in runs]}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -153,24 +183,22 @@ def gigapixel(b: Bench) -> dict[str, Any]:
     # at its best (it runs 1.4-1.55x slower under glibc's defaults).
     tuned = {"GLIBC_TUNABLES": glibc_tunables()}
     rate = run_variant("network_rate", tuned, model=b.model, window=p.gigapixel_window, threads=2)
-    runs: dict[str, Any] = {"network": rate}
+    runs: dict[str, Any] = {"network": rate, "repeats": p.gigapixel_repeats}
+    analysed: dict[str, list[dict[str, Any]]] = {label: [] for label in paths}
+    for _ in range(p.gigapixel_repeats):  # x1, x4, x1, x4: drift on the machine hits both alike
+        for label, slide in paths.items():
+            cmd = segment_command(slide, b.work / f"out-gigapixel-{label}", {"model": b.model, **p.settings})
+            analysed[label].append(_analyse(cmd, rate["input_mpx_per_s"]))
     for label, slide in paths.items():
-        out = b.work / f"out-gigapixel-{label}"
-        cmd = segment_command(slide, out, {"model": b.model, **p.settings})
-        runs[label] = {
-            "slide": str(slide),
-            "slide_width_height_px": list(slides[label]),
-            "command": cmd["command"],
-            "wall_s": cmd["wall_s"],
-            "peak_rss_mib": cmd["peak_rss_mib"],
-            **_analyse(cmd["run"], Path(cmd["output"]), cmd["wall_s"], rate["input_mpx_per_s"]),
-        }
+        runs[label] = {"slide": str(slide), "slide_width_height_px": list(slides[label])}
+        runs[label].update(_median_run(analysed[label]))
     x1, x4 = runs["x1"], runs["x4"]
     runs["ratios"] = {
         "amplification_vs_floor": _ratio(x4["amplification"], x4["floor_amplification"]),
         "limit_over_wall": x4["limit_over_wall"],
+        "limit_over_wall_ceiling_at_this_cpu": x4["limit_over_wall_ceiling_at_this_cpu"],
         "post_inference_share": x4["post_inference_share"],
-        "export_ratio_at_4x_area": _ratio(_exports_s(x4), _exports_s(x1)),
+        "export_ratio_at_4x_area": _ratio(x4["exports_span_s"], x1["exports_span_s"]),
         "peak_rss_ratio_at_4x_area": _ratio(x4["peak_rss_mib"], x1["peak_rss_mib"]),
         "output_px_ratio": _ratio(x4["output_px"], x1["output_px"]),
         "wall_ratio": _ratio(x4["wall_s"], x1["wall_s"]),
@@ -191,7 +219,8 @@ def lines(g: dict[str, Any]) -> list[str]:
         out += [
             f"[gigapixel] {label}: slide {width}x{height} px, "
             f"{r['selected_chunks']} chunks, wall {r['wall_s']:.1f} s, {r['output_mpx_per_s']:.3g} output "
-            f"MPx/s, peak RSS {r['peak_rss_mib']:.0f} MiB",
+            f"MPx/s, peak RSS {r['peak_rss_mib']:.0f} MiB, {r['busy_cores']:.2f} cores busy "
+            f"(medians of {len(r['repeats'])})",
             f"[gigapixel] {label}: amplification {r['amplification']:.2f} "
             f"(floor {r['floor_amplification']:.2f}), limit {r['limit_s']:.1f} s = "
             f"{r['limit_over_wall']:.2f} of wall; stages (s): {stages}",

@@ -109,6 +109,9 @@ def test_smoke_run_writes_every_section(tmp_path: Path) -> None:
         # No tiling computes less than the union of the halo windows (blocks get closer to it).
         assert 1.0 < run["floor_amplification"] <= run["amplification"] + 1e-9
         assert run["limit_s"] > 0 and run["peak_rss_mib"] > 0 and "exports_s" in run["timings_s"]
+        # The whole process tree's CPU seconds: the smoke command runs for seconds on a core or more.
+        assert run["cpu_s"] > 0.5 and 0 < run["limit_over_wall"] < run["limit_over_wall_ceiling_at_this_cpu"]
+        assert len(run["repeats"]) == giga["repeats"] == 1 and run["repeats"][0]["wall_s"] == run["wall_s"]
     assert giga["x4"]["output_px"] > giga["x1"]["output_px"]
     assert set(giga["ratios"]) >= {"amplification_vs_floor", "limit_over_wall", "peak_rss_ratio_at_4x_area"}
     for tag in ("[scale]", "[tissue]", "[peer]", "[gigapixel]"):
