@@ -36,11 +36,30 @@ def test_every_shipped_card_parses_and_builds():
     cards = list_cards()
     assert any(c.name == "breast-tissue-espnet" for c in cards)
     for card in cards:
-        assert card.n_classes == card.architecture["classes"]
+        # segment's client only checks a shipped card's sha256 (preflight): this is where its
+        # architecture is built and its weights are loaded strictly.
+        assert card.packaged and card.n_classes == card.architecture["classes"]
         assert card.n_parameters > 100_000
         if card.weights_present:
             model = card.build_model()
             assert not model.training
+    assert load_card("breast-tissue-espnet").weights_present
+
+
+def test_architecture_name_and_parameters_are_checked(tmp_path):
+    """An unknown architecture is refused when the card is read (no torch needed); a bad
+    parameter when its network is built. Both errors name the card."""
+    fields = _card_fields()
+    fields["architecture"] = {**fields["architecture"], "name": "unet"}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(fields))
+    with pytest.raises(ModelCardError, match=r"a\.yaml.*name must be one of espnet, espnet-c"):
+        load_card(tmp_path / "a.yaml")
+    fields["architecture"] = {**_card_fields()["architecture"], "depth": 3}
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(fields))
+    card = load_card(tmp_path / "b.yaml")
+    assert not card.packaged
+    with pytest.raises(ModelCardError, match=r"b\.yaml.*invalid architecture.*depth"):
+        card.build_model(load_weights=False)
 
 
 def test_breast_card_has_the_eight_tissue_classes():

@@ -175,3 +175,34 @@ def test_demo_runs_end_to_end(tmp_path):
     run = json.loads((folder / "run.json").read_text())
     assert run["status"] == "complete" and run["model"]["trained"] is True
     assert run["statistics"]["tissue_area_mm2"] > 0.5  # ~35 % of 2.0 x 1.5 mm
+
+
+def test_segment_client_checks_a_run_without_importing_torch(small_slide, tmp_path):
+    """The client of ``segment`` (the CLI, the checks before the cluster, the modules that
+    submit the tasks) never imports torch: it is most of a command's start-up. The packaged
+    card's weights are still checked (sha256) before any cluster starts."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "import wsi_espnet.cli, wsi_espnet.pipeline\n"
+        "from wsi_espnet.config import load_settings\n"
+        "from wsi_espnet.preflight import check_run\n"
+        "from wsi_espnet.runstate import SlideJob\n"
+        f"failed = check_run([SlideJob(Path({str(small_slide)!r}))], Path({str(tmp_path / 'out')!r}),"
+        " load_settings(None))\n"
+        "assert not failed, failed\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_training_commands_load_when_asked_for():
+    """``train`` and ``evaluate`` are imported on demand, and listed with the others."""
+    runner = CliRunner()
+    listing = runner.invoke(main, ["--help"])
+    assert listing.exit_code == 0 and "train" in listing.output and "evaluate" in listing.output
+    for command in ("train", "evaluate"):
+        result = runner.invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Usage: main " + command in result.output, result.output

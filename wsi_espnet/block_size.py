@@ -9,9 +9,12 @@ a cap (lower on a CPU, where large windows run a little slower per pixel; measur
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import psutil
-import torch
+
+if TYPE_CHECKING:  # imported where a GPU is measured: segment's client imports this module
+    import torch
 
 # Peak resident memory of one ESPNet forward pass (shipped breast-tissue card, CPU, fp32,
 # torch.inference_mode, crop=halo, softmax and argmax included) per input pixel. Measured as
@@ -51,16 +54,18 @@ def choose_block_chunks(
     memory (CUDA). Never less than 1 (a lone chunk's window is what ran before blocks existed),
     never more than ``MAX_CORE_PX // tile`` (``MAX_CORE_PX_CPU`` on a CPU).
     """
-    device = torch.device(device)
+    cuda = _is_cuda(device)
     if budget_bytes is None:
-        if device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(device)
+        if cuda:
+            import torch
+
+            free, _ = torch.cuda.mem_get_info(torch.device(device))
             budget_bytes = int(free * CUDA_BUDGET_SHARE)
         else:
             budget_bytes = int(psutil.virtual_memory().total * CPU_BUDGET_SHARE)
     per_window_px = budget_bytes / (max(batch_size, 1) * BYTES_PER_INPUT_PX)
     fits = math.floor((math.sqrt(max(per_window_px, 0.0)) - 2 * halo) / tile)
-    cap = MAX_CORE_PX if device.type == "cuda" else MAX_CORE_PX_CPU
+    cap = MAX_CORE_PX if cuda else MAX_CORE_PX_CPU
     return max(1, min(fits, cap // tile))
 
 
@@ -70,4 +75,9 @@ def blocks_per_pass(device: torch.device | str, batch_size: int) -> int:
     On a CPU a batch buys nothing once a block is large (the cost per input pixel is flat from
     1024² up), while four blocks at once would force blocks a quarter the area (more halo).
     """
-    return batch_size if torch.device(device).type == "cuda" else 1
+    return batch_size if _is_cuda(device) else 1
+
+
+def _is_cuda(device: torch.device | str) -> bool:
+    """``cuda`` or ``cuda:N``, given as a ``torch.device`` or as its name."""
+    return str(device).partition(":")[0] == "cuda"

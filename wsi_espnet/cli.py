@@ -6,10 +6,11 @@ A user mistake (any :class:`~wsi_espnet.errors.WsiEspnetError`) prints one line,
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 from click.core import ParameterSource
@@ -23,7 +24,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class _Group(click.Group):
-    """A click group that turns user errors into one-line messages."""
+    """A click group that turns user errors into one-line messages, and loads ``train`` and
+    ``evaluate`` only when one of them is run or listed: they import torch, whose import is
+    most of a command's start-up (``segment``'s client never needs it)."""
+
+    lazy: ClassVar[dict[str, str]] = dict.fromkeys(("train", "evaluate"), "wsi_espnet.train.commands")
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy and cmd_name not in self.commands:
+            self.add_command(getattr(importlib.import_module(self.lazy[cmd_name]), cmd_name))
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -396,13 +409,6 @@ def cluster_show(profile: str) -> None:
     click.echo(job_script(load_profile(profile)))
 
 
-def _register_training() -> None:
-    from wsi_espnet.train.commands import evaluate, train
-
-    main.add_command(train)
-    main.add_command(evaluate)
-
-
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -411,6 +417,3 @@ def _print_table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
-
-
-_register_training()

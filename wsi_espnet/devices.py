@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from wsi_espnet.errors import ConfigError
 
+if TYPE_CHECKING:
+    import torch
+
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → the first CUDA device if there is one, else the CPU; CUDA without one is refused."""
+    """``auto`` → the first CUDA device if there is one, else the CPU; CUDA without one is refused.
+
+    Torch is imported here, not with the module: ``segment``'s client imports the modules
+    that submit work (and so this one) but never resolves a device itself.
+    """
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

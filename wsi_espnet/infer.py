@@ -8,6 +8,10 @@ disk, so a resumed run redoes whole blocks and gives the labels of an uninterrup
 
 User-facing problems (a tile the slide cannot deliver) come back as
 :class:`~wsi_espnet.runstate.Failed` values, so Dask's retries go to real infrastructure failures.
+
+The network's modules (torch, the predictor, the tiled reader) are imported when a task runs,
+on the worker: ``segment``'s client imports this module to submit its tasks, and torch would
+add seconds to every command's start-up and a few hundred MiB to the client.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from distributed import get_worker
 
 from wsi_espnet.block_size import blocks_per_pass
@@ -27,13 +31,14 @@ from wsi_espnet.config import InferenceSettings
 from wsi_espnet.errors import WsiEspnetError
 from wsi_espnet.models.cards import ModelCard, load_card
 from wsi_espnet.outputs import ProgressLog
-from wsi_espnet.predict import get_predictor
 from wsi_espnet.qc import apply_qc, artifact_map
 from wsi_espnet.roi_regions import block_core
 from wsi_espnet.runstate import Failed, SlidePlan
 from wsi_espnet.slide import Slide
 from wsi_espnet.store import SlideStore
-from wsi_espnet.tiled import BlockOutput, RunOptions, StageTimes, infer_blocks, slide_reader
+
+if TYPE_CHECKING:
+    from wsi_espnet.tiled import BlockOutput
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ def _give_torch_the_worker_threads() -> None:
     whatever the worker was given (measured: 1.5x slower on 2 cores). One batch runs at a time
     behind the predictor's lock, so the worker's threads are free for the forward pass.
     """
+    import torch
+
     try:
         threads = get_worker().state.nthreads
     except ValueError:  # not inside a Dask worker
@@ -79,6 +86,9 @@ def _give_torch_the_worker_threads() -> None:
 
 def infer_task(plan: SlidePlan, blocks: list[Block], settings: InferenceSettings) -> Inferred | Failed:
     """Read, infer and write ``blocks`` of one slide; record each block's chunks as done."""
+    from wsi_espnet.predict import get_predictor
+    from wsi_espnet.tiled import RunOptions, StageTimes, infer_blocks, slide_reader
+
     _give_torch_the_worker_threads()
     try:
         slide = _cached_slide(str(plan.job.path), plan.slide_mpp)

@@ -61,6 +61,7 @@ class SlideStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self._group = group
+        self._arrays: dict[str, zarr.Array] = {}
 
     def __reduce__(self) -> tuple:
         return (SlideStore.open, (str(self.path),))
@@ -210,13 +211,31 @@ class SlideStore:
             n += 1
         return n
 
+    def _array(self, key: str) -> zarr.Array | None:
+        """The array at ``key`` (None when there is none), opened once per :class:`SlideStore`.
+
+        Opening an array reads its metadata from disk (1-3 ms), and an infer task writes four
+        arrays per chunk, its shape and grid asked for each time. A store's arrays are all made
+        with it (:meth:`create`) and never reshaped, so an opened one stays valid; an absent one
+        is looked up again next time.
+        """
+        array = self._arrays.get(key)
+        if array is None:
+            array = self._group.get(key)
+            if array is not None:
+                self._arrays[key] = array  # type: ignore[assignment]
+        return array  # type: ignore[return-value]
+
     def labels(self, level: int = 0) -> zarr.Array:
         """The argmax class map (y, x) uint8 of pyramid ``level``."""
-        return self._group[f"labels/{LABEL_NAME}/{level}"]  # type: ignore[return-value]
+        array = self._array(f"labels/{LABEL_NAME}/{level}")
+        if array is None:
+            raise KeyError(f"{self.path} has no label level {level}")
+        return array
 
     def artifacts(self, level: int = 0) -> zarr.Array | None:
         """QC's artifact map (y, x) uint8 of pyramid ``level``; None for a store without QC."""
-        return self._group.get(f"labels/{ARTIFACTS_NAME}/{level}")  # type: ignore[return-value]
+        return self._array(f"labels/{ARTIFACTS_NAME}/{level}")
 
     @property
     def qc_mode(self) -> str:
@@ -227,13 +246,15 @@ class SlideStore:
 
     def scores(self, level: int = 0) -> zarr.Array:
         """The per-class scores (c, y, x) uint8 of pyramid ``level``."""
-        return self._group[str(level)]  # type: ignore[return-value]
+        array = self._array(str(level))
+        if array is None:
+            raise KeyError(f"{self.path} has no score level {level}")
+        return array
 
     def confidence(self, level: int = 0) -> zarr.Array | None:
         """The label's probability (y, x) uint8 ``round(p * 255)`` of ``level``; None for a store
         written before the confidence layer existed."""
-        key = f"{CONFIDENCE_NAME}/{level}"
-        return self._group.get(key)  # type: ignore[return-value]
+        return self._array(f"{CONFIDENCE_NAME}/{level}")
 
     def level_mpp(self, level: int) -> float:
         """µm per pixel of pyramid ``level`` (each level halves the resolution)."""

@@ -7,6 +7,10 @@ The pipeline, the exports and the training loop all read the same card, so a mod
 
 Weights are loaded with ``torch.load(..., weights_only=True)`` after their sha256 is verified;
 cards are parsed with ``yaml.safe_load``: nothing in a card or checkpoint is ever executed.
+
+Parsing a card needs no torch (``segment``'s client reads one before any cluster starts, and
+importing torch costs it seconds): the architecture's name is checked then, its parameters when
+the network is built (:meth:`ModelCard.build_model`), and torch is imported there.
 """
 
 from __future__ import annotations
@@ -16,16 +20,18 @@ import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
-from torch import nn
 
 from wsi_espnet.classes import ClassInfo
 from wsi_espnet.errors import ModelCardError
-from wsi_espnet.models import create_model
-from wsi_espnet.resources import find_named, load_yaml, packaged
+from wsi_espnet.models import ARCHITECTURES, create_model
+from wsi_espnet.resources import config_dir, find_named, load_yaml, packaged
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 DEFAULT_MODEL = "breast-tissue-espnet"
 
@@ -41,6 +47,8 @@ class Normalisation:
 
     def apply(self, tiles: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC RGB tiles → float32 NCHW network input (on the tiles' device)."""
+        import torch
+
         x = tiles.permute(0, 3, 1, 2).float()
         if self.channel_order == "BGR":
             x = x.flip(1)
@@ -75,13 +83,18 @@ class ModelCard:
 
     @cached_property
     def n_parameters(self) -> int:
-        return sum(p.numel() for p in create_model(**self.architecture).parameters())
+        return sum(p.numel() for p in self._network().parameters())
+
+    @property
+    def packaged(self) -> bool:
+        """Shipped with wsi-espnet: its architecture and weights are checked by the test suite."""
+        return self.path.parent == (config_dir() / "models").resolve()
 
     def class_table(self) -> list[dict[str, Any]]:
         return [c.as_dict() for c in self.classes]
 
-    def load_state_dict(self) -> dict[str, torch.Tensor]:
-        """Verify the weights file against the card's sha256, then load it safely."""
+    def verify_weights(self) -> Path:
+        """The weights file, after checking that it exists and matches the card's sha256."""
         if self.weights_file is None:
             raise ModelCardError("the card names no weights file", self.path)
         if not self.weights_file.is_file():
@@ -93,6 +106,13 @@ class ModelCard:
                 f"{self.weights_sha256[:16]}… (corrupt or replaced weights)",
                 self.path,
             )
+        return self.weights_file
+
+    def load_state_dict(self) -> dict[str, torch.Tensor]:
+        """Verify the weights file against the card's sha256, then load it safely."""
+        import torch
+
+        self.verify_weights()
         try:
             state = torch.load(self.weights_file, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -105,7 +125,7 @@ class ModelCard:
 
     def build_model(self, load_weights: bool = True) -> nn.Module:
         """The network in eval mode, with verified weights unless ``load_weights`` is False."""
-        model = create_model(**self.architecture)
+        model = self._network()
         if load_weights:
             state = self.load_state_dict()
             try:
@@ -118,6 +138,13 @@ class ModelCard:
                     self.path,
                 ) from exc
         return model.eval()
+
+    def _network(self) -> nn.Module:
+        """A fresh network of the card's architecture; bad parameters name the card."""
+        try:
+            return create_model(**self.architecture)
+        except (TypeError, ValueError) as exc:
+            raise ModelCardError(f"invalid architecture {self.architecture}: {exc}", self.path) from exc
 
 
 def sha256_file(path: Path) -> str:
@@ -158,10 +185,9 @@ def parse_card(raw: dict[str, Any], path: Path) -> ModelCard:
             f"the class table {len(classes)}",
             path,
         )
-    try:
-        create_model(**architecture)
-    except (TypeError, ValueError) as exc:
-        raise ModelCardError(f"invalid architecture {architecture}: {exc}", path) from exc
+    if architecture.get("name") not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ModelCardError(f"invalid architecture {architecture}: name must be one of {known}", path)
     mpp = float(_require(raw, "mpp", path))
     if not mpp > 0:
         raise ModelCardError(f"mpp must be positive, got {mpp}", path)
@@ -236,6 +262,8 @@ def random_card(card: ModelCard, folder: Path, name: str, seed: int = 0) -> Mode
     """
     fields = load_yaml(card.path, ModelCardError, "a model card (a YAML mapping)")
     fields.update(name=name, trained=False)
+    import torch
+
     torch.manual_seed(seed)
     weights = Path(folder) / f"{name}.pt"
     torch.save(create_model(**fields["architecture"]).state_dict(), weights)
