@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from wsi_espnet.devices import is_cuda
+
 if TYPE_CHECKING:  # imported where a GPU is measured: segment's client imports this module
     import torch
 
@@ -54,7 +56,7 @@ def choose_block_chunks(
     memory (CUDA). Never less than 1 (a lone chunk's window is what ran before blocks existed),
     never more than ``MAX_CORE_PX // tile`` (``MAX_CORE_PX_CPU`` on a CPU).
     """
-    cuda = _is_cuda(device)
+    cuda = is_cuda(device)
     if budget_bytes is None:
         if cuda:
             import torch
@@ -75,9 +77,4 @@ def blocks_per_pass(device: torch.device | str, batch_size: int) -> int:
     On a CPU a batch buys nothing once a block is large (the cost per input pixel is flat from
     1024² up), while four blocks at once would force blocks a quarter the area (more halo).
     """
-    return batch_size if _is_cuda(device) else 1
-
-
-def _is_cuda(device: torch.device | str) -> bool:
-    """``cuda`` or ``cuda:N``, given as a ``torch.device`` or as its name."""
-    return str(device).partition(":")[0] == "cuda"
+    return batch_size if is_cuda(device) else 1

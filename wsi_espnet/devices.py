@@ -27,3 +27,8 @@ def resolve_device(device: str = "auto") -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device} but no CUDA device is available")
     return resolved
+
+
+def is_cuda(device: torch.device | str) -> bool:
+    """``cuda`` or ``cuda:N``, given as a ``torch.device`` or as its name (no torch import)."""
+    return str(device).partition(":")[0] == "cuda"

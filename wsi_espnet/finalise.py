@@ -151,8 +151,7 @@ def run_statistics_partials(
     started = time.perf_counter()
     try:
         store = SlideStore.open(plan.output.store)
-        with dask.config.set(scheduler="threads"):  # not the worker's own client
-            parts = chunk_partials(store, plan.tissue, indices, _statistics_options(plan, settings))
+        parts = chunk_partials(store, plan.tissue, indices, _statistics_options(plan, settings))
     except WsiEspnetError as exc:
         return Failed(plan.job, str(exc))
     return _Partials(parts, time.perf_counter() - started)

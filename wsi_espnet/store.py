@@ -226,12 +226,16 @@ class SlideStore:
                 self._arrays[key] = array  # type: ignore[assignment]
         return array  # type: ignore[return-value]
 
+    def _required(self, key: str, what: str) -> zarr.Array:
+        """:meth:`_array`, or ``KeyError`` naming the store and the missing ``what``."""
+        array = self._array(key)
+        if array is None:
+            raise KeyError(f"{self.path} has no {what}")
+        return array
+
     def labels(self, level: int = 0) -> zarr.Array:
         """The argmax class map (y, x) uint8 of pyramid ``level``."""
-        array = self._array(f"labels/{LABEL_NAME}/{level}")
-        if array is None:
-            raise KeyError(f"{self.path} has no label level {level}")
-        return array
+        return self._required(f"labels/{LABEL_NAME}/{level}", f"label level {level}")
 
     def artifacts(self, level: int = 0) -> zarr.Array | None:
         """QC's artifact map (y, x) uint8 of pyramid ``level``; None for a store without QC."""
@@ -246,10 +250,7 @@ class SlideStore:
 
     def scores(self, level: int = 0) -> zarr.Array:
         """The per-class scores (c, y, x) uint8 of pyramid ``level``."""
-        array = self._array(str(level))
-        if array is None:
-            raise KeyError(f"{self.path} has no score level {level}")
-        return array
+        return self._required(str(level), f"score level {level}")
 
     def confidence(self, level: int = 0) -> zarr.Array | None:
         """The label's probability (y, x) uint8 ``round(p * 255)`` of ``level``; None for a store

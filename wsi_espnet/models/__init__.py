@@ -27,7 +27,7 @@ def create_model(name: str, **kwargs: object) -> nn.Module:
         raise ValueError(
             f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}"
         ) from None
-    return getattr(importlib.import_module("wsi_espnet.models.espnet"), class_name)(**kwargs)
+    return __getattr__(class_name)(**kwargs)
 
 
 def __getattr__(name: str) -> Any:
